@@ -1,0 +1,251 @@
+"""Build a RunConfig from YAML, a dict and `key=value` overrides; validate it in one pass.
+
+Unknown keys, wrong types and cross-field problems are all collected and raised together in
+one ConfigError, each with the key, the bad value and the fix.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.config.schema import RunConfig
+from tunelab.errors import ConfigError
+
+METHODS = ("full", "lora")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def load_config(source: "str | Path | dict | RunConfig | None" = None,
+                overrides: "list[str] | dict | None" = None) -> RunConfig:
+    """Resolve a config from a YAML path, a dict, or a RunConfig, plus overrides.
+
+    Args:
+        source: path to a YAML file, a (nested) dict, a RunConfig, or None for all defaults.
+        overrides: ["train.max_steps=50", "lora.rank=8"] or {"train.max_steps": 50}.
+
+    Returns:
+        A validated RunConfig.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    if isinstance(source, RunConfig):
+        raw = config_to_dict(source)
+    elif isinstance(source, dict):
+        raw = _deepcopy(source)
+    elif source is None:
+        raw = {}
+    else:
+        raw = read_yaml(source)
+    problems: list[str] = []
+    for key, value in _parse_overrides(overrides, problems):
+        _set_dotted(raw, key, value)
+    cfg = _build(RunConfig, raw, "", problems)
+    if not problems:
+        problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def read_yaml(path: "str | Path") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: no such file; check the path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return raw
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: "str | Path") -> None:
+    """Write the fully resolved config (every default filled in) as YAML."""
+    from tunelab.runs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Cross-field checks. Returns the problems, each with its fix (empty list = valid)."""
+    from tunelab.data.formats import FORMATS
+
+    p = []
+    t, d, lo, m = cfg.train, cfg.data, cfg.lora, cfg.model
+    _one_of(p, "method", cfg.method, METHODS)
+    _one_of(p, "model.dtype", m.dtype, DTYPES)
+    _one_of(p, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+    _one_of(p, "data.format", d.format, ("auto", *FORMATS))
+    if not m.ref:
+        p.append("model.ref is empty; set it to an alias such as smollm2-135m-instruct, a folder or a .gguf file")
+    if not d.train:
+        p.append("data.train is empty; set it to your training file, e.g. data.train=my_data.jsonl")
+    if not 0 <= d.val_fraction < 1:
+        p.append(f"data.val_fraction={d.val_fraction} must be in [0, 1); e.g. 0.1")
+    if d.max_seq_len < 16:
+        p.append(f"data.max_seq_len={d.max_seq_len} is too small; use at least 16 (typical: 512-4096)")
+    if d.limit is not None and d.limit < 1:
+        p.append(f"data.limit={d.limit} must be >= 1 or null")
+    _positive(p, "lora.rank", lo.rank)
+    _positive(p, "lora.alpha", lo.alpha)
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout={lo.dropout} must be in [0, 1); e.g. 0.05")
+    _positive(p, "train.micro_batch_size", t.micro_batch_size)
+    _positive(p, "train.grad_accum_steps", t.grad_accum_steps)
+    _positive(p, "train.learning_rate", t.learning_rate)
+    _positive(p, "train.epochs", t.epochs)
+    if t.max_steps is not None:
+        _positive(p, "train.max_steps", t.max_steps)
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        p.append(f"train.warmup_steps={t.warmup_steps} must be >= 0 or null (5% of the steps)")
+    for key in ("eval_every_n_steps", "save_every_n_steps", "max_grad_norm", "weight_decay"):
+        if getattr(t, key) < 0:
+            p.append(f"train.{key}={getattr(t, key)} must be >= 0")
+    _positive(p, "train.log_every_n_steps", t.log_every_n_steps)
+    _positive(p, "train.keep_checkpoints", t.keep_checkpoints)
+    if t.threads is not None:
+        _positive(p, "train.threads", t.threads)
+    if cfg.method == "full" and t.learning_rate > 1e-3:
+        p.append(f"train.learning_rate={t.learning_rate} is far too high for method=full and would "
+                 "destroy the model; use 1e-5..5e-5")
+    return p
+
+
+# --- building dataclasses from dicts -------------------------------------------------------
+
+def _build(cls, raw: Any, prefix: str, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            problems.append(f"unknown key {prefix}{key}{hint}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.", problems)
+        else:
+            value = _coerce(value, hint)
+            if not _type_ok(value, hint):
+                problems.append(f"{prefix}{key}={value!r} should be {_type_name(hint)}")
+                continue
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(value, hint):
+    """Accept YAML's natural spellings: 2e-4 read as a string, ints where floats are wanted."""
+    if isinstance(value, str) and _allows(hint, float):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and _allows(hint, float) and not _allows(hint, int):
+        return float(value)
+    return value
+
+
+def _allows(hint, typ) -> bool:
+    return hint is typ or typ in typing.get_args(hint)
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(hint)
+        return isinstance(value, dict) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+# --- overrides -----------------------------------------------------------------------------
+
+def _parse_overrides(overrides, problems) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    out = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} must look like key=value, e.g. train.max_steps=50")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _deepcopy(d):
+    import copy
+
+    return copy.deepcopy(d)
+
+
+def _one_of(problems, key, value, allowed) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}; {hint}".rstrip("; ").rstrip())
+
+
+def _positive(problems, key, value) -> None:
+    if value <= 0:
+        problems.append(f"{key}={value} must be > 0")

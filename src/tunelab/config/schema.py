@@ -1,0 +1,115 @@
+"""Typed run configuration: one dataclass per concern; defaults live here and nowhere else.
+
+Every field's comment says what it does and its effect, so `tunelab train --help-config` and
+the resolved `config.yaml` of a run explain themselves.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    ref: str = "smollm2-135m-instruct"
+    """Alias (see `tunelab models`), local Hugging Face folder, local .gguf file, or hub id."""
+    dtype: str = "auto"
+    """auto | bf16 | fp16 | fp32. auto: bf16 where the hardware is fast at it, else fp32."""
+    chat_template: str | None = None
+    """None: the model's own template. Or a named template (chatml, alpaca, llama2, ...) for
+    base models that have none, or a path to a .jinja file."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust its author."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids; pin it for reproducibility."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: .jsonl, .json, .csv, .tsv, .parquet, .txt or a saved HF dataset folder."""
+    validation: str | None = None
+    """Validation file. None: hold out `val_fraction` of `train` (seeded)."""
+    format: str = "auto"
+    """auto | alpaca | prompt_completion | messages | sharegpt | text."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Map the format's field names to yours, e.g. {instruction: question, output: answer}."""
+    val_fraction: float = 0.1
+    """Share of `train` held out for validation when `validation` is not given (0 = none)."""
+    max_seq_len: int = 1024
+    """Longer examples are cut to this many tokens (counted and reported). Memory grows with it."""
+    train_on_prompt: bool = False
+    """Also learn the prompt tokens. Default: loss on assistant answers only."""
+    system_prompt: str | None = None
+    """A system message added to every example that has none."""
+    drop_duplicates: bool = False
+    """Drop exact duplicate training examples (they are always reported)."""
+    limit: int | None = None
+    """Use only the first N training examples (after the split); handy for a quick try."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    """Rank of the update matrices; higher learns more and costs more memory."""
+    alpha: float = 32.0
+    """Scale of the update (effective scale alpha/rank)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input; 0 for tiny datasets you want to memorise."""
+    target_modules: list[str] | str = "all-linear"
+    """Which linear layers get adapters: all-linear, or names such as [q_proj, v_proj]."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None
+    """Optimizer steps to run. None: run `epochs` epochs."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is None."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward pass; lower it if memory is short."""
+    grad_accum_steps: int = 2
+    """Micro batches per optimizer step. Effective batch = micro_batch_size * grad_accum_steps."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (LoRA: ~1e-4..3e-4; full fine-tuning: ~1e-5..5e-5)."""
+    lr_scheduler: str = "cosine"
+    """cosine | linear | constant, after warmup."""
+    warmup_steps: int | None = None
+    """Linear warmup steps. None: 5% of the steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
+    eval_every_n_steps: int = 50
+    """Validation loss every N steps (0 = only at the end)."""
+    save_every_n_steps: int = 100
+    """Checkpoint every N steps (0 = only at the end and on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N step checkpoints."""
+    log_every_n_steps: int = 1
+    """How often a line goes to metrics.jsonl."""
+    packing: bool = True
+    """Concatenate the examples of a micro batch without padding (attention never crosses
+    examples). Faster; the loss is the same as padded batches."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less waste when packing is off)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: much less memory, ~30% slower."""
+    threads: int | None = None
+    """CPU threads for torch. None: the number of physical cores."""
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None
+    """Run name; the run directory is `<output_dir>/<name>-<timestamp>`. None: the config file's name."""
+    output_dir: str = "runs"
+    """Where run directories are made."""
+    method: str = "lora"
+    """full | lora: train all weights, or low-rank adapters on a frozen base."""
+    seed: int = 42
+    """Seeds data order, the validation split, LoRA init and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

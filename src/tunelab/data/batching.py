@@ -1,0 +1,62 @@
+"""Encoded examples -> micro batches: a seeded order per epoch, then packed or padded tensors.
+
+Packed (default): the examples of a micro batch are concatenated into one row with position ids
+restarting at 0 for each example. transformers turns those position ids into a block-diagonal
+causal mask, so attention never crosses examples, and no compute is spent on padding.
+"""
+
+import random
+
+import torch
+
+from tunelab.data.encode import IGNORE, Encoded
+
+
+def epoch_order(lengths: list[int], micro_batch_size: int, seed: int, epoch: int,
+                group_by_length: bool = False) -> list[list[int]]:
+    """Index lists, one per micro batch, for one epoch. Deterministic in (seed, epoch), so a resumed
+    run finds the same order and skips what it already consumed."""
+    rng = random.Random(seed * 1000003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if group_by_length:
+        # sort within windows of 50 batches: similar lengths together, still shuffled globally
+        window = micro_batch_size * 50
+        idx = [i for w in range(0, len(idx), window)
+               for i in sorted(idx[w:w + window], key=lambda i: lengths[i])]
+        batches = [idx[i:i + micro_batch_size] for i in range(0, len(idx), micro_batch_size)]
+        rng.shuffle(batches)
+        return batches
+    return [idx[i:i + micro_batch_size] for i in range(0, len(idx), micro_batch_size)]
+
+
+def collate_packed(items: list[Encoded]) -> dict[str, torch.Tensor]:
+    ids, labels, pos = [], [], []
+    for e in items:
+        ids += e.input_ids
+        # the first token of each example predicts nothing from the previous example
+        labels += [IGNORE] + e.labels[1:]
+        pos += range(len(e.input_ids))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([pos])}
+
+
+def collate_padded(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad_id)
+    labels = torch.full((len(items), width), IGNORE)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate(items: list[Encoded], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_packed(items) if packing else collate_padded(items, pad_id)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

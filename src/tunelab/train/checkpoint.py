@@ -1,0 +1,104 @@
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+
+checkpoints/step-000200/
+  adapter_model.safetensors + adapter_config.json   (lora)  or  model*.safetensors (full)
+  optimizer.pt, scheduler.pt, rng-<rank>.pt, trainer_state.json
+Each is written into a temporary folder that is renamed when complete, so a crash or Ctrl-C
+never leaves a half-written checkpoint behind.
+"""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.runs import atomic_dir
+
+STATE = "trainer_state.json"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / STATE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_weights(model, folder: Path, tokenizer=None) -> None:
+    """Adapter (PEFT format) or full weights, as safetensors; plus the tokenizer if given."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
+                    keep: int, is_main: bool = True, rank: int = 0) -> Path:
+    final = step_dir(run_dir, step)
+    if not is_main:
+        return final
+    with atomic_dir(final) as tmp:
+        save_weights(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, method: str, rank: int = 0) -> dict:
+    """Restore everything saved by save_checkpoint into live objects; return the trainer state."""
+    from safetensors.torch import load_file
+
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    else:
+        weights = {}
+        for f in sorted(folder.glob("model*.safetensors")):
+            weights.update(load_file(f))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"}  # tied to the input embeddings, saved once
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng = folder / f"rng-{rank}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return json.loads((folder / STATE).read_text())
+
+
+def rng_state() -> dict:
+    # numpy's key array travels as a tensor so the file loads with weights_only=True (no pickle code)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                    has_gauss, gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

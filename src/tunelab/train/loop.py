@@ -1,0 +1,327 @@
+"""tunelab.train(config): the whole supervised fine-tuning run, readable top to bottom.
+
+setup (config, run dir, model, data, adapters, optimizer) -> fit (the loop) -> final weights,
+loss plot, manifest (written last). The loop is explicit PyTorch on top of accelerate, so the
+same code runs on a laptop CPU, one GPU, or under `accelerate launch` / torchrun (DDP, FSDP).
+
+The loss of an optimizer step is the mean over every answer token of the effective batch:
+each micro batch contributes (sum of its token losses) / (answer tokens in the whole step, on
+all processes). So gradient accumulation gives the same update as one large batch.
+"""
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.config import RunConfig, config_to_dict, load_config, save_config
+from tunelab.data.batching import collate, epoch_order
+from tunelab.data.encode import IGNORE
+from tunelab.data.prepare import prepare_data, report_warnings
+from tunelab.errors import RunError
+from tunelab.hardware import peak_rss_mb, resolve_dtype, set_threads
+from tunelab.log import console, info
+from tunelab.runs import (append_metrics, atomic_write_json, environment_info, last_run, new_run_dir,
+                          plot_losses, sha256_file, truncate_metrics, write_manifest)
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    steps: int
+    val_loss_before: float | None
+    val_loss_after: float | None
+    interrupted: bool = False
+
+
+def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool | str | Path" = False,
+          quiet: bool = False) -> TrainResult:
+    """Fine-tune a model as a config says; write everything to a run directory.
+
+    Args:
+        config: YAML path, dict or RunConfig.
+        overrides: ["train.max_steps=50", ...] or {"train.max_steps": 50}.
+        resume: True continues the newest run of this config from its last checkpoint; a path
+            continues that run directory.
+        quiet: no progress bar.
+
+    Returns:
+        TrainResult with the run directory and validation loss before and after.
+    """
+    from accelerate import Accelerator
+
+    cfg = load_config(config, overrides)
+    name = cfg.name or (Path(config).stem if isinstance(config, (str, Path)) else "run")
+    run_dir, start_ckpt = _run_dir_for(cfg, name, resume)
+    accelerator = Accelerator(mixed_precision="no")  # autocast is ours (below), also on CPU
+    is_main = accelerator.is_main_process
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    threads = set_threads(cfg.train.threads) if accelerator.device.type == "cpu" else None
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+
+    # --- model and data --------------------------------------------------------------------
+    from tunelab.models.load import describe_model, load_model
+
+    compute_dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
+    # master weights stay fp32; matmuls run in compute_dtype under autocast (mixed precision)
+    model, tokenizer = load_model(cfg.model.ref, dtype="fp32", device="cpu", chat_template=cfg.model.chat_template,
+                                  trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
+    if not data.train:
+        raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
+    if is_main:
+        atomic_write_json(run_dir / "data_report.json", data.report)
+        for w in report_warnings(data.report):
+            info(f"[yellow]warning:[/] {w}")
+    model.train()
+    model.config.use_cache = False
+    if cfg.method == "lora":
+        from tunelab.train.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    info(f"model {cfg.model.ref}: {describe_model(model)}; method {cfg.method}, compute "
+         f"{str(compute_dtype).replace('torch.', '')}, device {accelerator.device.type}"
+         + (f", {threads} threads" if threads else ""))
+
+    # --- schedule --------------------------------------------------------------------------
+    world = accelerator.num_processes
+    micro_per_step = cfg.train.grad_accum_steps * world
+    batches_per_epoch = math.ceil(len(data.train) / cfg.train.micro_batch_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / micro_per_step))
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    effective = cfg.train.micro_batch_size * micro_per_step
+    info(f"data: {len(data.train)} train / {len(data.val)} validation sequences ({data.report['format']} format); "
+         f"{total_steps} steps of {effective} examples ({total_steps / steps_per_epoch:.2f} epochs); run {run_dir}")
+
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0}
+    if start_ckpt is not None:
+        state = ckpt.load_checkpoint(start_ckpt, accelerator.unwrap_model(model), optimizer, scheduler,
+                                     cfg.method, accelerator.process_index)
+        if is_main:
+            truncate_metrics(run_dir, state["step"])
+        info(f"resumed from {start_ckpt} (step {state['step']})")
+
+    autocast = (torch.autocast(accelerator.device.type, dtype=compute_dtype)
+                if compute_dtype != torch.float32 else nullcontext())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def batch_stream(epoch: int, index: int):
+        """Micro batches from (epoch, index) on, forever; yields (epoch, next_index, items)."""
+        lengths = [len(e.input_ids) for e in data.train]
+        while True:
+            order = epoch_order(lengths, cfg.train.micro_batch_size, cfg.seed, epoch, cfg.train.group_by_length)
+            for i in range(index, len(order)):
+                yield epoch, i + 1, [data.train[j] for j in order[i]]
+            epoch, index = epoch + 1, 0
+
+    def evaluate_val() -> float | None:
+        if not data.val:
+            return None
+        return validation_loss(model, data.val, cfg.train.micro_batch_size, cfg.train.packing, pad_id,
+                               autocast, accelerator)
+
+    # --- fit -------------------------------------------------------------------------------
+    val_before = None
+    if state["step"] == 0:
+        val_before = evaluate_val()
+        if val_before is not None:
+            info(f"validation loss before training: {val_before:.4f}")
+            if is_main:
+                append_metrics(run_dir, {"step": 0, "val_loss": val_before, "val_ppl": math.exp(min(val_before, 50))})
+    stream = batch_stream(state["epoch"], state["batch_in_epoch"])
+    progress = _progress(total_steps, state["step"], disable=quiet or not is_main)
+    val_after, interrupted = None, False
+    step_start = time.time() - state["elapsed"]
+    try:
+        with progress:
+            task = progress.add_task("train", total=total_steps, completed=state["step"], loss=float("nan"), tps=0.0)
+            while state["step"] < total_steps:
+                t0 = time.time()
+                micro = [next(stream) for _ in range(micro_per_step)]
+                mine = micro[accelerator.process_index::world]  # this process's share of the step
+                local_targets = sum(e.n_targets for _, _, items in mine for e in items)
+                n_targets = int(accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum"))
+                step_loss, step_tokens = 0.0, 0
+                for k, (_, _, items) in enumerate(mine):
+                    batch = {key: v.to(accelerator.device) for key, v in collate(items, cfg.train.packing, pad_id).items()}
+                    last = k == len(mine) - 1
+                    with (nullcontext() if last else accelerator.no_sync(model)):
+                        with autocast:
+                            loss_sum, _ = token_loss_sum(model, batch)
+                        # DDP averages gradients over processes; scale so the result is sum / N_global
+                        accelerator.backward(loss_sum * world / max(n_targets, 1))
+                    step_loss += loss_sum.item()
+                    step_tokens += int(batch["input_ids"].numel() if cfg.train.packing else batch["attention_mask"].sum())
+                grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                             if cfg.train.max_grad_norm > 0 else None)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                epoch, index, _ = micro[-1]
+                step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_targets, 1)
+                step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+                state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index,
+                             tokens=state["tokens"] + step_tokens, elapsed=time.time() - step_start)
+                step = state["step"]
+                tps = step_tokens / max(time.time() - t0, 1e-9)
+                progress.update(task, completed=step, loss=step_loss, tps=tps)
+                if is_main and (step % cfg.train.log_every_n_steps == 0 or step == total_steps):
+                    append_metrics(run_dir, {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                                             "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                             "tokens": step_tokens, "target_tokens": n_targets,
+                                             "tokens_per_s": round(tps, 1), "elapsed_s": round(state["elapsed"], 2)})
+                if cfg.train.eval_every_n_steps and step % cfg.train.eval_every_n_steps == 0 and step < total_steps:
+                    v = evaluate_val()
+                    if v is not None and is_main:
+                        append_metrics(run_dir, {"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
+                        progress.console.print(f"step {step}: validation loss {v:.4f}")
+                if cfg.train.save_every_n_steps and step % cfg.train.save_every_n_steps == 0 and step < total_steps:
+                    _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator)
+    except KeyboardInterrupt:
+        interrupted = True
+        path = _save(run_dir, state["step"], model, optimizer, scheduler, state, cfg, accelerator)
+        info(f"\n[yellow]interrupted at step {state['step']}[/]: saved {path}; continue with "
+             f"`tunelab train {run_dir / 'config.yaml'} --resume`")
+        return TrainResult(run_dir, None, state["step"], val_before, None, interrupted=True)
+
+    val_after = evaluate_val()
+    final_dir = run_dir / "final"
+    if is_main:
+        if val_after is not None:
+            append_metrics(run_dir, {"step": state["step"], "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50))})
+            info(f"validation loss after training: {val_after:.4f}"
+                 + (f" (before: {val_before:.4f})" if val_before is not None else ""))
+        from tunelab.runs import atomic_dir
+
+        with atomic_dir(final_dir) as tmp:
+            ckpt.save_weights(accelerator.unwrap_model(model), tmp, tokenizer)
+            if cfg.method == "lora":
+                _point_adapter_at_ref(tmp, cfg.model.ref)
+        plot_losses(run_dir)
+        write_manifest(run_dir, {
+            "run": run_dir.name, "status": "finished", "method": cfg.method, "seed": cfg.seed,
+            "model": cfg.model.ref, "steps": state["step"], "train_tokens": state["tokens"],
+            "val_loss_before": val_before, "val_loss_after": val_after,
+            "data": {"train": cfg.data.train, "train_sha256": sha256_file(cfg.data.train),
+                     "validation": cfg.data.validation,
+                     "validation_sha256": sha256_file(cfg.data.validation) if cfg.data.validation else None},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "train_seconds": round(state["elapsed"], 1),
+            "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1),
+            "peak_rss_mb": round(peak_rss_mb()), "processes": world,
+            "config": config_to_dict(cfg), **environment_info()})
+        info(f"[green]done[/]: {final_dir} ({state['tokens'] / max(state['elapsed'], 1e-9):.0f} tokens/s, "
+             f"peak RSS {peak_rss_mb():.0f} MB)")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, final_dir, state["step"], val_before, val_after, interrupted)
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over the answer tokens of a batch, and how many there are.
+
+    Logits are computed only where a label follows (`logits_to_keep` as a boolean mask), never
+    for prompt tokens: with a 49k vocabulary the full logits tensor dominates memory otherwise.
+    """
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+@torch.no_grad()
+def validation_loss(model, items, micro_batch_size: int, packing: bool, pad_id: int, autocast,
+                    accelerator=None) -> float:
+    """Mean loss per answer token over `items` (each process takes a share under DDP)."""
+    was_training = model.training
+    model.eval()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    chunks = [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
+    for chunk in chunks[rank::world]:
+        batch = {k: v.to(dev) for k, v in collate(chunk, packing, pad_id).items()}
+        with autocast:
+            s, n = token_loss_sum(model, batch)
+        total, count = total + s.item(), count + n
+    if accelerator and world > 1:
+        total = float(accelerator.reduce(torch.tensor(total, device=dev), "sum"))
+        count = int(accelerator.reduce(torch.tensor(count, device=dev), "sum"))
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator) -> Path:
+    path = ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, state,
+                                keep=cfg.train.keep_checkpoints, is_main=accelerator.is_main_process,
+                                rank=accelerator.process_index)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _point_adapter_at_ref(folder: Path, ref: str) -> None:
+    """adapter_config.json names the base by its tunelab reference, not a machine-local cache path."""
+    import json
+
+    path = folder / "adapter_config.json"
+    conf = json.loads(path.read_text())
+    conf["base_model_name_or_path"] = ref
+    path.write_text(json.dumps(conf, indent=2))
+
+
+def _run_dir_for(cfg: RunConfig, name: str, resume) -> tuple[Path, Path | None]:
+    if not resume:
+        return new_run_dir(cfg.output_dir, name), None
+    run = Path(resume) if not isinstance(resume, bool) else last_run(cfg.output_dir, name)
+    if run is None or not run.is_dir():
+        raise RunError(f"nothing to resume: no run named {name}-* in {cfg.output_dir}/; start one without --resume")
+    found = ckpt.latest_checkpoint(run)
+    if found is None:
+        if (run / "manifest.json").exists():
+            raise RunError(f"{run} already finished; to train longer start a new run (or raise train.max_steps "
+                           "and train from its final/ weights)")
+        raise RunError(f"{run} has no checkpoint yet (it stopped before the first save); start it again without --resume")
+    old = load_config(run / "config.yaml")
+    changed = _diff(config_to_dict(old), config_to_dict(cfg))
+    if changed:
+        info(f"[yellow]warning:[/] resuming {run.name} with a config that differs from the one it started with: "
+             + ", ".join(changed))
+    return run, found
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+    return out
+
+
+def _progress(total: int, done: int, disable: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                    TimeRemainingColumn(), console=console, disable=disable, transient=False)
