@@ -1,0 +1,43 @@
+"""tunelab: adapt an open LLM to your own task on your own machine.
+
+The public API; the `tunelab` command calls exactly these functions.
+
+    import tunelab
+    result = tunelab.train("examples/lora.yaml", ["train.max_steps=50"])
+    model, tokenizer = tunelab.load_model(result.run_dir)
+    tunelab.generate(model, tokenizer, ["Is this review positive? 'Great food!'"])
+    tunelab.export(result.run_dir, format="merged", out="merged/")
+
+Names load on first use, so `import tunelab` (and `tunelab --help`) stays fast.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "train": "tunelab.training", "TrainResult": "tunelab.training",
+    "load_config": "tunelab.config", "RunConfig": "tunelab.config",
+    "load_model": "tunelab.models", "resolve_model": "tunelab.models",
+    "generate": "tunelab.generation", "generate_file": "tunelab.generation", "stream_chat": "tunelab.generation",
+    "SamplingConfig": "tunelab.generation",
+    "chat_loop": "tunelab.chat",
+    "export": "tunelab.exporters",
+    "inspect_data": "tunelab.data.inspect",
+    "quickstart": "tunelab.recipes.quickstart",
+    "TunelabError": "tunelab.errors", "ConfigError": "tunelab.errors", "DataError": "tunelab.errors",
+    "ModelError": "tunelab.errors", "RunError": "tunelab.errors",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tunelab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

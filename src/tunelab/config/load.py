@@ -47,6 +47,8 @@ def load_config(source: "str | Path | dict | RunConfig | None" = None,
     for key, value in _parse_overrides(overrides, problems):
         _set_dotted(raw, key, value)
     cfg = _build(RunConfig, raw, "", problems)
+    if isinstance(source, (str, Path)):
+        _resolve_data_paths(cfg, Path(source).parent)
     if not problems:
         problems += validate(cfg)
     if problems:
@@ -123,6 +125,16 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.learning_rate={t.learning_rate} is far too high for method=full and would "
                  "destroy the model; use 1e-5..5e-5")
     return p
+
+
+def _resolve_data_paths(cfg: RunConfig, config_dir: Path) -> None:
+    """A relative data path is taken from the current directory, else from the config's folder."""
+    for key in ("train", "validation"):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists():
+            beside = config_dir / value
+            if beside.exists():
+                setattr(cfg.data, key, str(beside))
 
 
 # --- building dataclasses from dicts -------------------------------------------------------

@@ -90,7 +90,8 @@ def read_chat_template(name_or_path: str) -> str:
         return path.read_text()
     named = TEMPLATES_DIR / f"{name_or_path}.jinja"
     if named.is_file():
-        return named.read_text()
+        # these files are indented for reading; their author's usage strips indentation and newlines
+        return "".join(line.strip() for line in named.read_text().splitlines())
     raise ModelError(f"chat template {name_or_path!r}: not a .jinja file nor a named template; "
                      f"named templates: {', '.join(named_templates())}")
 

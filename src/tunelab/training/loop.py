@@ -27,8 +27,8 @@ from tunelab.hardware import peak_rss_mb, resolve_dtype, set_threads
 from tunelab.log import console, info
 from tunelab.runs import (append_metrics, atomic_write_json, environment_info, last_run, new_run_dir,
                           plot_losses, sha256_file, truncate_metrics, write_manifest)
-from tunelab.train import checkpoint as ckpt
-from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.training import checkpoint as ckpt
+from tunelab.training.optim import build_optimizer, build_scheduler
 
 
 @dataclass
@@ -85,7 +85,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     model.train()
     model.config.use_cache = False
     if cfg.method == "lora":
-        from tunelab.train.lora import apply_lora
+        from tunelab.training.lora import apply_lora
 
         model = apply_lora(model, cfg.lora)
     if cfg.train.gradient_checkpointing:

@@ -1,0 +1,42 @@
+"""`tunelab chat`: a terminal conversation that streams tokens; /reset starts over, /exit leaves."""
+
+import sys
+
+from tunelab.generation import SamplingConfig, stream_chat
+
+HELP = "type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves"
+
+
+def chat_loop(model_ref: str, sampling: SamplingConfig | None = None, dtype: str = "auto",
+              system_prompt: str | None = None, input_fn=input, out=sys.stdout) -> list[dict]:
+    """Chat until /exit or end of input. Returns the last conversation (handy in tests)."""
+    from tunelab.models import load_model
+
+    model, tok = load_model(model_ref, dtype=dtype)
+    start = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages = list(start)
+    out.write(f"chatting with {model_ref}; {HELP}\n")
+    while True:
+        try:
+            text = input_fn("you> ")
+        except EOFError:
+            out.write("\n")
+            return messages
+        cmd = text.strip()
+        if cmd in ("/exit", "/quit"):
+            return messages
+        if cmd == "/reset":
+            messages = list(start)
+            out.write("(conversation cleared)\n")
+            continue
+        if not cmd:
+            continue
+        messages.append({"role": "user", "content": text})
+        out.write("model> ")
+        pieces = []
+        for piece in stream_chat(model, tok, messages, sampling):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces).strip()})

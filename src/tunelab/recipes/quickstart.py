@@ -1,0 +1,121 @@
+"""`tunelab quickstart`: the main job end to end on the embedded model, in a few minutes on a CPU.
+
+SmolLM2-135M-Instruct learns to label the sentiment of review sentences (UCI, CC BY 4.0; shipped
+in the package). It prints the base model's answers to held-out reviews, trains a LoRA adapter,
+then prints validation loss and accuracy before and after, and the answers side by side.
+"""
+
+import json
+import re
+from importlib.resources import files
+from pathlib import Path
+
+from tunelab.log import console
+
+LABELS = ("positive", "negative")
+
+
+def quickstart_data() -> tuple[Path, Path]:
+    root = files("tunelab") / "assets" / "quickstart"
+    return Path(str(root / "sentiment_train.jsonl")), Path(str(root / "sentiment_test.jsonl"))
+
+
+def quickstart_config(output_dir: str = "runs", max_steps: int = 60) -> dict:
+    train_file, test_file = quickstart_data()
+    return {
+        "name": "quickstart", "output_dir": output_dir, "method": "lora", "seed": 0,
+        "model": {"ref": "smollm2-135m-instruct"},
+        "data": {"train": str(train_file), "validation": str(test_file), "max_seq_len": 256},
+        "lora": {"rank": 16, "alpha": 32, "dropout": 0.0},
+        "train": {"max_steps": max_steps, "micro_batch_size": 8, "grad_accum_steps": 1, "learning_rate": 3e-4,
+                  "eval_every_n_steps": 0, "save_every_n_steps": 0, "warmup_steps": 5},
+    }
+
+
+def parse_label(answer: str, labels=LABELS) -> str | None:
+    """The first label word in the answer, or None (counted as unparseable, never dropped)."""
+    words = re.findall(r"[a-z]+", answer.lower())
+    for w in words[:3]:
+        if w in labels:
+            return w
+    return None
+
+
+def accuracy(answers: list[str], references: list[str]) -> dict:
+    parsed = [parse_label(a) for a in answers]
+    correct = sum(p == r for p, r in zip(parsed, references))
+    return {"accuracy": correct / max(len(references), 1), "correct": correct, "n": len(references),
+            "unparseable": sum(p is None for p in parsed)}
+
+
+def quickstart(output_dir: str = "runs", max_steps: int = 60, n_eval: int = 100, n_show: int = 6) -> dict:
+    """Run the quickstart; return its summary (also written to <run>/quickstart.json)."""
+    from tunelab.generation import generate, read_prompts
+    from tunelab.models import load_model
+    from tunelab.runs import atomic_write_json, atomic_write_text
+    from tunelab.training import train
+
+    _, test_file = quickstart_data()
+    items = read_prompts(test_file)[:n_eval]
+    prompts = [i["messages"] for i in items]
+    refs = [i["reference"] for i in items]
+
+    console.rule("[bold]1. The base model answers held-out reviews")
+    base, tok = load_model("smollm2-135m-instruct")
+    base_answers = generate(base, tok, prompts, max_new_tokens=24, batch_size=16, progress=True)
+    base_acc = accuracy(base_answers, refs)
+    del base
+    console.print(f"base model accuracy on {base_acc['n']} held-out reviews: {base_acc['accuracy']:.1%} "
+                  f"({base_acc['unparseable']} answers name no label)")
+
+    console.rule(f"[bold]2. Fine-tune with LoRA ({max_steps} steps)")
+    result = train(quickstart_config(output_dir, max_steps))
+
+    console.rule("[bold]3. The tuned model answers the same reviews")
+    tuned, tok = load_model(str(result.run_dir))
+    tuned_answers = generate(tuned, tok, prompts, max_new_tokens=24, batch_size=16, progress=True)
+    tuned_acc = accuracy(tuned_answers, refs)
+
+    _print_side_by_side(items[:n_show], base_answers, tuned_answers)
+    summary = {"run_dir": str(result.run_dir), "steps": result.steps,
+               "val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after,
+               "base": base_acc, "tuned": tuned_acc,
+               "answers": [{"review": i["messages"][-1]["content"].split("\n\n", 1)[-1], "reference": r,
+                            "base": b, "tuned": t}
+                           for i, r, b, t in zip(items, refs, base_answers, tuned_answers)]}
+    atomic_write_json(result.run_dir / "quickstart.json", summary)
+    atomic_write_text(result.run_dir / "quickstart.md", _markdown(summary))
+    console.rule("[bold]Result")
+    console.print(f"validation loss  {result.val_loss_before:.3f} -> {result.val_loss_after:.3f}")
+    console.print(f"accuracy         {base_acc['accuracy']:.1%} -> {tuned_acc['accuracy']:.1%} "
+                  f"(n={tuned_acc['n']}; unparseable {base_acc['unparseable']} -> {tuned_acc['unparseable']})")
+    console.print(f"everything is in {result.run_dir}: config.yaml, metrics.jsonl, loss.png, final/, quickstart.md")
+    console.print(f"next: tunelab chat {result.run_dir}   |   tunelab export {result.run_dir} --format merged "
+                  f"--out merged/")
+    return summary
+
+
+def _print_side_by_side(items, base_answers, tuned_answers) -> None:
+    from rich.table import Table
+
+    t = Table(show_lines=True, header_style="bold")
+    t.add_column("review (held out)", ratio=3)
+    t.add_column("label")
+    t.add_column("base model", ratio=2)
+    t.add_column("tuned model", ratio=1)
+    for item, b, tu in zip(items, base_answers, tuned_answers):
+        t.add_row(item["messages"][-1]["content"].split("\n\n", 1)[-1], item["reference"], b, tu)
+    console.print(t)
+
+
+def _markdown(s: dict) -> str:
+    lines = ["# tunelab quickstart", "", f"Run: `{s['run_dir']}`, {s['steps']} LoRA steps.", "",
+             "| | base | tuned |", "|---|---|---|",
+             f"| validation loss | {s['val_loss_before']:.4f} | {s['val_loss_after']:.4f} |",
+             f"| accuracy (n={s['tuned']['n']}) | {s['base']['accuracy']:.1%} | {s['tuned']['accuracy']:.1%} |",
+             f"| answers naming no label | {s['base']['unparseable']} | {s['tuned']['unparseable']} |", "",
+             "![loss](loss.png)", "", "| review | label | base | tuned |", "|---|---|---|---|"]
+    for a in s["answers"][:20]:
+        cells = [a[k].replace("|", "\\|").replace("\n", " ") for k in ("review", "reference", "base", "tuned")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

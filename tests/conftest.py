@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random Llama on SmolLM2's real tokenizer, small data files."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_DIR = ASSETS / "smollm2_tokenizer"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """A 2-layer random Llama (hidden 32) with SmolLM2's tokenizer saved beside it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=0.1)  # larger than usual: logits far from uniform, so a few steps visibly learn
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    for f in TOKENIZER_DIR.iterdir():
+        if f.suffix in (".json", ".jinja"):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tunelab.models import load_tokenizer
+
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+SENTIMENT_ROWS = [
+    {"instruction": "Label the sentiment.", "input": text, "output": label}
+    for text, label in [
+        ("Great food and friendly staff.", "positive"), ("The battery died after a day.", "negative"),
+        ("I loved every minute of this film.", "positive"), ("Terrible service, never again.", "negative"),
+        ("Works perfectly, highly recommend.", "positive"), ("The plot was boring and slow.", "negative"),
+        ("Best pizza in town!", "positive"), ("It broke the first time I used it.", "negative"),
+        ("A wonderful, moving story.", "positive"), ("Cold fries and a rude waiter.", "negative"),
+        ("Sound quality is excellent.", "positive"), ("Waste of money.", "negative"),
+    ]
+]
+
+
+@pytest.fixture
+def sentiment_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "sentiment.jsonl", SENTIMENT_ROWS)
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, sentiment_file, tmp_path) -> dict:
+    """A LoRA run on the tiny model that takes a second or two."""
+    return {
+        "name": "tiny", "output_dir": str(tmp_path / "runs"), "seed": 0,
+        "model": {"ref": str(tiny_model_dir), "dtype": "fp32"},
+        "data": {"train": str(sentiment_file), "val_fraction": 0.25, "max_seq_len": 128},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "learning_rate": 1e-2,
+                  "eval_every_n_steps": 0, "save_every_n_steps": 0, "warmup_steps": 0},
+    }
+

@@ -1,0 +1,147 @@
+"""Training on a tiny random Llama: artifacts, loss, accumulation = large batch, resume = straight run."""
+
+import json
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.errors import DataError, RunError
+from tunelab.runs import read_metrics
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_lora_run_writes_the_run_directory_contract(tiny_config):
+    result = tunelab.train(tiny_config, quiet=True)
+    run = result.run_dir
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "data_report.json", "loss.png"):
+        assert (run / name).is_file(), name
+    final = run / "final"
+    assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
+    assert (final / "tokenizer.json").is_file()
+    assert not list(run.glob(".*tmp*")), "temporary files left behind"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["steps"] == 4 and len(manifest["data"]["train_sha256"]) == 64
+    assert manifest["versions"]["torch"] and manifest["seed"] == 0
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_config["model"]["ref"]
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["format"] == "alpaca" and report["train_examples"] == 9 and report["val_examples"] == 3
+    assert len(losses(run)) == 4 and result.val_loss_before is not None
+
+
+def test_training_lowers_the_loss(tiny_config):
+    cfg = {**tiny_config, "train": {**tiny_config["train"], "max_steps": 12}, "data": {**tiny_config["data"], "val_fraction": 0}}
+    result = tunelab.train(cfg, quiet=True)
+    curve = losses(result.run_dir)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5  # ~10.7 -> ~9.7 with these settings
+
+
+def test_full_fine_tuning_saves_safetensors_that_load(tiny_config):
+    cfg = {**tiny_config, "method": "full", "train": {**tiny_config["train"], "learning_rate": 1e-4}}
+    result = tunelab.train(cfg, quiet=True)
+    assert (result.run_dir / "final" / "model.safetensors").is_file()
+    model, tok = tunelab.load_model(str(result.run_dir), dtype="fp32")
+    assert not hasattr(model, "peft_config")
+    assert tok.chat_template
+
+
+def test_accumulation_equals_the_large_batch(tiny_config):
+    """2 micro batches of 2 == 1 micro batch of 4: the loss is normalised over the whole step's answer tokens."""
+    base = {**tiny_config, "data": {**tiny_config["data"], "val_fraction": 0}}
+    a = tunelab.train({**base, "train": {**base["train"], "micro_batch_size": 2, "grad_accum_steps": 2}}, quiet=True)
+    b = tunelab.train({**base, "train": {**base["train"], "micro_batch_size": 4, "grad_accum_steps": 1}}, quiet=True)
+    # same examples per step (the order is seeded), so identical losses and weights
+    assert losses(a.run_dir) == pytest.approx(losses(b.run_dir), rel=1e-4)
+    from safetensors.torch import load_file
+
+    wa = load_file(a.run_dir / "final" / "adapter_model.safetensors")
+    wb = load_file(b.run_dir / "final" / "adapter_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_resume_continues_with_the_same_losses(tiny_config):
+    base = {**tiny_config, "train": {**tiny_config["train"], "max_steps": 6, "save_every_n_steps": 3},
+            "lora": {**tiny_config["lora"], "dropout": 0.1}}  # dropout: the RNG state must be restored too
+    straight = losses(tunelab.train({**base, "name": "straight"}, quiet=True).run_dir)
+
+    class Stop(Exception):
+        pass
+
+    # a run that dies after its step-3 checkpoint (as a crash or a killed job would)
+    import tunelab.training.checkpoint as ckpt
+
+    original = ckpt.save_checkpoint
+
+    def save_then_die(*a, **k):
+        path = original(*a, **k)
+        raise Stop
+    ckpt.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Stop):
+            tunelab.train({**base, "name": "resumed"}, quiet=True)
+    finally:
+        ckpt.save_checkpoint = original
+    result = tunelab.train({**base, "name": "resumed"}, resume=True, quiet=True)
+    assert result.steps == 6
+    assert losses(result.run_dir) == pytest.approx(straight, rel=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_config, monkeypatch):
+    import tunelab.training.loop as loop
+
+    calls = {"n": 0}
+    original = loop.token_loss_sum
+
+    def interrupt_on_third_step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1 + 2:  # 2 validation batches, then step 1 and 2 (2 micro each), then step 3
+            raise KeyboardInterrupt
+        return original(model, batch)
+    monkeypatch.setattr(loop, "token_loss_sum", interrupt_on_third_step)
+    result = tunelab.train(tiny_config, quiet=True)
+    assert result.interrupted and result.steps == 2
+    assert (result.run_dir / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    assert not (result.run_dir / "manifest.json").exists()
+    monkeypatch.setattr(loop, "token_loss_sum", original)
+    resumed = tunelab.train(tiny_config, resume=True, quiet=True)
+    assert resumed.run_dir == result.run_dir and resumed.steps == 4 and (resumed.run_dir / "manifest.json").exists()
+
+
+def test_resume_without_a_run_is_a_clear_error(tiny_config):
+    with pytest.raises(RunError, match="nothing to resume"):
+        tunelab.train(tiny_config, resume=True, quiet=True)
+
+
+def test_bad_data_stops_before_training_with_file_and_line(tiny_config, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*empty"):
+        tunelab.train({**tiny_config, "data": {**tiny_config["data"], "train": str(bad)}}, quiet=True)
+
+
+def test_merged_export_matches_base_plus_adapter(tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = tunelab.train({**tiny_config, "train": {**tiny_config["train"], "max_steps": 3}}, quiet=True)
+    out = tunelab.export(str(result.run_dir), format="merged", out=tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "adapter_config.json").exists()
+    with_adapter, _ = tunelab.load_model(str(result.run_dir), dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 520, 9531, 198, 19556, 17, 2, 198, 4093]])
+    with torch.no_grad():
+        a = with_adapter(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    # the adapter must have changed something, or this test proves nothing
+    base = AutoModelForCausalLM.from_pretrained(tiny_config["model"]["ref"], dtype=torch.float32)
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, b, atol=1e-4)
+
+
+def test_planned_export_formats_say_so(tiny_config):
+    with pytest.raises(tunelab.TunelabError, match="not available in this version"):
+        tunelab.export("whatever", format="gguf")
