@@ -19,6 +19,13 @@ for site in ["amazon_cells", "imdb", "yelp"]:
         rows.append({"instruction": "Is the sentiment of this review positive or negative? Answer with one word.",
                      "input": text.strip(), "output": "positive" if label.strip() == "1" else "negative",
                      "source": site})
+# the source repeats a few sentences; keep one of each so no test sentence is also a training one
+seen, unique = set(), []
+for r in rows:
+    if r["input"].lower() not in seen:
+        seen.add(r["input"].lower())
+        unique.append(r)
+rows = unique
 random.Random(0).shuffle(rows)
 for name, part in [("sentiment_train.jsonl", rows[300:]), ("sentiment_test.jsonl", rows[:300])]:
     with open(out / name, "w") as f:

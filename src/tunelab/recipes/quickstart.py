@@ -28,7 +28,7 @@ def quickstart_config(output_dir: str = "runs", max_steps: int = 60) -> dict:
         "data": {"train": str(train_file), "validation": str(test_file), "max_seq_len": 256},
         "lora": {"rank": 16, "alpha": 32, "dropout": 0.0},
         "train": {"max_steps": max_steps, "micro_batch_size": 8, "grad_accum_steps": 1, "learning_rate": 3e-4,
-                  "eval_every_n_steps": 0, "save_every_n_steps": 0, "warmup_steps": 5},
+                  "eval_every_n_steps": 20, "save_every_n_steps": 0, "warmup_steps": 5},
     }
 
 

@@ -11,6 +11,7 @@ all processes). So gradient accumulation gives the same update as one large batc
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from tunelab.runs import (append_metrics, atomic_write_json, environment_info, l
                           plot_losses, sha256_file, truncate_metrics, write_manifest)
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.optim import build_optimizer, build_scheduler
+
+# peft still calls a transformers property renamed in v5; the message says nothing to our users
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass
@@ -179,6 +183,10 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 step = state["step"]
                 tps = step_tokens / max(time.time() - t0, 1e-9)
                 progress.update(task, completed=step, loss=step_loss, tps=tps)
+                if is_main and not quiet and not console.is_terminal and step % max(1, total_steps // 10) == 0:
+                    # logs and CI have no live bar: a line every 10% instead
+                    console.print(f"step {step}/{total_steps}  loss {step_loss:.4f}  {tps:.0f} tok/s  "
+                                  f"elapsed {state['elapsed']:.0f}s")
                 if is_main and (step % cfg.train.log_every_n_steps == 0 or step == total_steps):
                     append_metrics(run_dir, {"step": step, "epoch": round(step / steps_per_epoch, 4),
                                              "loss": step_loss, "lr": scheduler.get_last_lr()[0],
