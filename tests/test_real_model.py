@@ -48,7 +48,9 @@ def test_merged_logits_equal_adapter_logits(tuned_run, tmp_path):
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     with torch.no_grad():
         a, b = adapter_model(input_ids=ids).logits, merged(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-4)
+    # fp32 rounding of W + BA over 30 layers: max |diff| seen 1.2e-4 on logits of ~30
+    torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 def test_quickstart_end_to_end(tmp_path, monkeypatch):

@@ -1,0 +1,138 @@
+"""Training speed: tunelab against the peers' recipes, same model, data, LoRA and batch, in one run.
+
+Model: SmolLM2-135M-Instruct as a plain HF folder (../shared/bench/make_smollm2_hf.py).
+Data: ../shared/data/instruction/llamafactory_alpaca_en_demo.json. LoRA rank 16, alpha 32,
+all-linear, dropout 0; 8 rows per optimizer step; max_seq_len 512; the same number of steps.
+Peers (../shared/bench/peer_hf_trainer.py): the HF Trainer recipe as documented (fp32 on a CPU),
+the same with bf16, TRL SFTTrainer with bf16 and padding-free packing.
+Each runs in its own process (peak RSS is per process); the first step is not timed.
+
+usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tunelab] [--shared ../shared]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def matmul_peak_gflops(dtype_name: str = "bfloat16", n: int = 2048, seconds: float = 3.0) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(method: str, n_params: float, n_lora: float, layers: int, hidden: int, seq: float) -> float:
+    """Training FLOPs per token. Full: 6N (forward 2N, backward 4N). LoRA: the frozen base needs no
+    weight gradients, so 4N, plus 6 per adapter parameter. Causal attention adds 6*layers*seq*hidden
+    (scores and values, forward and backward, halved for the causal mask)."""
+    base = 6 * n_params if method == "full" else 4 * n_params + 6 * n_lora
+    return base + 6 * layers * seq * hidden
+
+
+def tunelab_worker(model_dir: str, data: str, steps: int, method: str) -> None:
+    import tunelab
+    from tunelab.hardware import peak_rss_mb
+    from tunelab.runs import read_metrics
+
+    cfg = {"name": "bench", "output_dir": tempfile.mkdtemp(), "method": method, "seed": 0,
+           "model": {"ref": model_dir},
+           "data": {"train": data, "format": "alpaca", "val_fraction": 0, "max_seq_len": 512},
+           "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+           "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
+                     "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
+                     "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0}}
+    result = tunelab.train(cfg, quiet=True)
+    m = [r for r in read_metrics(result.run_dir) if "loss" in r]
+    timed = m[1:]
+    seconds = m[-1]["elapsed_s"] - m[0]["elapsed_s"]
+    tokens = sum(r["tokens"] for r in timed)
+    print(json.dumps({"peer": f"tunelab ({method})", "tokens": tokens, "seconds": seconds,
+                                     "tokens_per_s": tokens / seconds, "first_loss": m[0]["loss"],
+                                     "last_loss": m[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
+                                     "mean_seq": tokens / (8 * len(timed))}))
+
+
+def run(cmd: list[str], env=None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--only", default=None, help="tunelab: skip the peers")
+    p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return tunelab_worker(a.worker[0], a.worker[1], a.steps, a.method)
+
+    shared = Path(a.shared)
+    cache = HERE / ".cache"
+    cache.mkdir(exist_ok=True)
+    model_dir = cache / "smollm2-135m-hf"
+    if not (model_dir / "config.json").exists():
+        subprocess.run([sys.executable, str(shared / "bench/make_smollm2_hf.py"), str(model_dir)], check=True)
+    data = cache / "alpaca_en_demo.jsonl"
+    if not data.exists():
+        rows = json.loads((shared / "data/instruction/llamafactory_alpaca_en_demo.json").read_text())
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    peak = matmul_peak_gflops()
+    results = [run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
+                    "--worker", str(model_dir), str(data)])]
+    results[0].setdefault("peer", f"tunelab ({a.method})")
+    if not a.only and a.method == "lora":
+        peer = str(shared / "bench/peer_hf_trainer.py")
+        base = [sys.executable, peer, str(model_dir), str(data), "--steps", str(a.steps), "--batch", "8",
+                "--max-len", "512"]
+        for name, extra in [("HF Trainer, documented (fp32)", []), ("HF Trainer + bf16", ["--bf16"]),
+                            ("TRL SFTTrainer bf16 + padding-free", ["--bf16", "--trl"])]:
+            r = run(base + extra)
+            r["peer"] = name
+            results.append(r)
+
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(model_dir)
+    n_params, n_lora = 134.5e6, 4.88e6
+    print(f"\nbf16 matmul peak here: {peak:.0f} GFLOP/s; {a.steps} steps of 8 rows, first step untimed\n")
+    head = f"{'setup':38} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
+    print(head)
+    print("-" * len(head))
+    ours = results[0].get("tokens_per_s")
+    for r in results:
+        if "error" in r:
+            print(f"{r['peer']:38} failed: {r['error'][:80]}")
+            continue
+        seq = r.get("mean_seq", 200)
+        fpt = flops_per_token(a.method, n_params, n_lora, conf.num_hidden_layers, conf.hidden_size, seq / 2)
+        mfu = r["tokens_per_s"] * fpt / (peak * 1e9)
+        ratio = "" if r is results[0] or not ours else f"{ours / r['tokens_per_s']:.2f}x"
+        print(f"{r['peer']:38} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f} "
+              f"{r['first_loss']:8.3f} -> {r['last_loss']:6.3f} {mfu:6.1%} {ratio:>11}")
+    print("\nThe peers train on every token (prompt included); tunelab on answer tokens only (its default),\n"
+          "so their losses are not the same quantity. MFU counts 4N+6N_lora FLOPs/token for LoRA, 6N for full.")
+
+
+if __name__ == "__main__":
+    main()
