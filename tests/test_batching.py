@@ -1,5 +1,6 @@
 """Packing keeps examples apart: the same per-example loss as running them one by one."""
 
+import pytest
 import torch
 
 from tunelab.data.batching import collate_packed, collate_padded, epoch_order
@@ -17,14 +18,20 @@ def test_packed_layout():
     b = collate_packed(_items())
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
     assert b["input_ids"].shape == (1, 12)
+    assert b["cu_seq_lens_q"].tolist() == [0, 5, 8, 12]
     # an example's first token never becomes a target of the previous example
     assert b["labels"][0, 5].item() == IGNORE and b["labels"][0, 8].item() == IGNORE
 
 
-def test_packed_loss_equals_one_by_one(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "packed"])
+def test_packed_loss_equals_one_by_one(tiny_model_dir, attention):
     from transformers import AutoModelForCausalLM
 
+    from tunelab.training.attention import use_packed_attention
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    if attention == "packed":
+        assert use_packed_attention(model)
     items = _items()
     packed, n_packed = token_loss_sum(model, collate_packed(items))
     singles = [token_loss_sum(model, collate_packed([e])) for e in items]
@@ -43,3 +50,21 @@ def test_epoch_order_is_deterministic_and_complete():
     g = epoch_order(lengths, 4, seed=1, epoch=0, group_by_length=True)
     assert sorted(i for b in g for i in b) == list(range(23))
     assert all(max(b) - min(b) <= 4 for b in g[:-1] if len(b) == 4)  # near-equal lengths together
+
+
+def test_packed_attention_gradients_match_sdpa(tiny_model_dir):
+    """Same loss and same gradients as transformers' masked SDPA on the packed row."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.training.attention import use_packed_attention
+
+    grads = []
+    for packed in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        if packed:
+            use_packed_attention(model)
+        loss, _ = token_loss_sum(model, collate_packed(_items()))
+        loss.backward()
+        grads.append((loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

@@ -145,3 +145,11 @@ def test_merged_export_matches_base_plus_adapter(tiny_config, tmp_path):
 def test_planned_export_formats_say_so(tiny_config):
     with pytest.raises(tunelab.TunelabError, match="not available in this version"):
         tunelab.export("whatever", format="gguf")
+
+
+def test_compiled_training_matches_eager(tiny_config):
+    base = {**tiny_config, "train": {**tiny_config["train"], "max_steps": 2}, "data": {**tiny_config["data"], "val_fraction": 0}}
+    eager = losses(tunelab.train({**base, "train": {**base["train"], "compile": False}}, quiet=True).run_dir)
+    compiled = tunelab.train({**base, "train": {**base["train"], "compile": True}}, quiet=True)
+    assert losses(compiled.run_dir) == pytest.approx(eager, rel=1e-4)
+    assert (compiled.run_dir / "final" / "adapter_model.safetensors").is_file()

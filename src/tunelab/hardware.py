@@ -23,6 +23,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16": the spelling configs use."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 (FACTS.md: ~5x here)."""
     if platform.machine() == "arm64" and sys.platform == "darwin":

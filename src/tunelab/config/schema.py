@@ -95,6 +95,9 @@ class TrainConfig:
     """Batch examples of similar length together (less waste when packing is off)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less memory, ~30% slower."""
+    compile: bool | None = None
+    """torch.compile the transformer blocks: ~35% faster steps on this CPU after a one-time compile
+    (~75 s, ~25 s when cached). None (auto): on when the run trains at least 150k tokens."""
     threads: int | None = None
     """CPU threads for torch. None: the number of physical cores."""
 

@@ -37,8 +37,12 @@ def collate_packed(items: list[Encoded]) -> dict[str, torch.Tensor]:
         # the first token of each example predicts nothing from the previous example
         labels += [IGNORE] + e.labels[1:]
         pos += range(len(e.input_ids))
+    bounds = [0]
+    for e in items:
+        bounds.append(bounds[-1] + len(e.input_ids))
+    # cu_seq_lens_q: where each example starts and ends, for packed (varlen) attention
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([pos])}
+            "position_ids": torch.tensor([pos]), "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32)}
 
 
 def collate_padded(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

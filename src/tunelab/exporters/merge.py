@@ -38,11 +38,11 @@ def export(model_ref: str, format: str = "merged", out: "str | Path | None" = No
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        _copy_readme(model_ref, tmp)
+        _copy_provenance(model_ref, tmp)
     return out
 
 
-def _copy_readme(model_ref, folder: Path) -> None:
+def _copy_provenance(model_ref, folder: Path) -> None:
     """Keep the run's provenance next to the weights: its config and manifest."""
     run = Path(model_ref)
     for name in ("config.yaml", "manifest.json"):
