@@ -5,7 +5,7 @@ import torch
 
 from tunelab.data.batching import collate_packed, collate_padded, epoch_order
 from tunelab.data.encode import IGNORE, Encoded
-from tunelab.training.loop import token_loss_sum
+from tunelab.training.loss import token_loss_sum
 
 
 def _items():
@@ -68,3 +68,28 @@ def test_packed_attention_gradients_match_sdpa(tiny_model_dir):
         grads.append((loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch):
+    """The chunked head + checkpointing changes memory, not numbers: same loss, same gradients."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import tunelab.training.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK", 2)  # 6 targets -> 3 chunks
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = collate_packed(_items())
+    chunked, n = loss_mod.token_loss_sum(model, batch)
+    chunked.backward()
+    g_chunked = model.model.embed_tokens.weight.grad.clone()  # tied to the head: both paths meet here
+    model.zero_grad()
+    labels = batch["labels"][0]
+    # use_cache=False: with a cache transformers ignores packed position ids and attends across examples
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0, :-1]
+    direct = F.cross_entropy(logits, labels[1:], ignore_index=IGNORE, reduction="sum")
+    direct.backward()
+    assert n == 6
+    assert torch.allclose(chunked, direct, atol=1e-4)
+    assert torch.allclose(g_chunked, model.model.embed_tokens.weight.grad, atol=1e-6)
+    assert not hasattr(model.lm_head, "__dict__") or "forward" not in model.lm_head.__dict__  # head restored

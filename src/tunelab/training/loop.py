@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.config import RunConfig, config_to_dict, load_config, save_config
 from tunelab.data.batching import collate, epoch_order
-from tunelab.data.encode import IGNORE
 from tunelab.data.prepare import prepare_data, report_warnings
 from tunelab.errors import RunError
 from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads
@@ -29,6 +27,7 @@ from tunelab.log import console, info
 from tunelab.runs import (append_metrics, atomic_write_json, environment_info, last_run, new_run_dir,
                           plot_losses, sha256_file, truncate_metrics, write_manifest)
 from tunelab.training import checkpoint as ckpt
+from tunelab.training.loss import token_loss_sum
 from tunelab.training.optim import build_optimizer, build_scheduler
 
 # peft still calls a transformers property renamed in v5; the message says nothing to our users
@@ -269,22 +268,6 @@ def compile_blocks(model) -> None:
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
     # dynamic: packed rows change length every step; this avoids a recompile per length
     decoder.compile(dynamic=True)
-
-
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropy over the answer tokens of a batch, and how many there are.
-
-    Logits are computed only where a label follows (`logits_to_keep` as a boolean mask), never
-    for prompt tokens: with a 49k vocabulary the full logits tensor dominates memory otherwise.
-    """
-    labels = batch["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
-    targets = labels[:, 1:][labels[:, 1:] != IGNORE]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 
 
 @torch.no_grad()
