@@ -154,10 +154,14 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     def evaluate_val() -> float | None:
         if not data.val:
             return None
-        return validation_loss(model, data.val, cfg.train.micro_batch_size, cfg.train.packing, pad_id,
-                               autocast, accelerator)
+        t0 = time.time()
+        v = validation_loss(model, data.val, cfg.train.micro_batch_size, cfg.train.packing, pad_id,
+                            autocast, accelerator)
+        state["eval_s"] = state.get("eval_s", 0.0) + time.time() - t0  # kept out of training tokens/s
+        return v
 
     # --- fit -------------------------------------------------------------------------------
+    step_start = time.time() - state["elapsed"]  # elapsed includes evaluations; eval_s counts them
     val_before = None
     if state["step"] == 0:
         val_before = evaluate_val()
@@ -168,7 +172,6 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     stream = batch_stream(state["epoch"], state["batch_in_epoch"])
     progress = _progress(total_steps, state["step"], disable=quiet or not is_main)
     val_after, interrupted = None, False
-    step_start = time.time() - state["elapsed"]
     try:
         with progress:
             task = progress.add_task("train", total=total_steps, completed=state["step"], loss=float("nan"), tps=0.0)
@@ -227,6 +230,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         return TrainResult(run_dir, None, state["step"], val_before, None, interrupted=True)
 
     val_after = evaluate_val()
+    train_seconds = max(state["elapsed"] - state.get("eval_s", 0.0), 1e-9)
     final_dir = run_dir / "final"
     if is_main:
         if val_after is not None:
@@ -249,11 +253,11 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                      "validation_sha256": sha256_file(cfg.data.validation) if cfg.data.validation else None},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "train_seconds": round(state["elapsed"], 1),
-            "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1),
+            "train_seconds": round(train_seconds, 1), "eval_seconds": round(state.get("eval_s", 0.0), 1),
+            "tokens_per_s": round(state["tokens"] / train_seconds, 1),
             "peak_rss_mb": round(peak_rss_mb()), "processes": world,
             "config": config_to_dict(cfg), **environment_info()})
-        info(f"[green]done[/]: {final_dir} ({state['tokens'] / max(state['elapsed'], 1e-9):.0f} tokens/s, "
+        info(f"[green]done[/]: {final_dir} ({state['tokens'] / train_seconds:.0f} training tokens/s, "
              f"peak RSS {peak_rss_mb():.0f} MB)")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, final_dir, state["step"], val_before, val_after, interrupted)
