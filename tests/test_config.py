@@ -78,6 +78,9 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_every_example_config_validates(path):
+def test_every_example_config_validates(path, tmp_path, monkeypatch):
     assert EXAMPLES, "examples/ has no YAML"
-    load_config(path)
+    monkeypatch.chdir(tmp_path)  # data paths resolve beside the config, wherever the user runs it
+    cfg = load_config(path)
+    assert Path(cfg.data.train).is_file()
+    assert cfg.data.validation is None or Path(cfg.data.validation).is_file()

@@ -30,6 +30,10 @@ def test_lora_run_writes_the_run_directory_contract(tiny_config):
     report = json.loads((run / "data_report.json").read_text())
     assert report["format"] == "alpaca" and report["train_examples"] == 9 and report["val_examples"] == 3
     assert len(losses(run)) == 4 and result.val_loss_before is not None
+    # training throughput leaves validation time out, and no more than that
+    per_step = [r["tokens_per_s"] for r in read_metrics(run) if "loss" in r]
+    assert 0 < manifest["tokens_per_s"] <= 1.5 * max(per_step)
+    assert manifest["eval_seconds"] > 0
 
 
 def test_training_lowers_the_loss(tiny_config):

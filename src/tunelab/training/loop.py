@@ -230,6 +230,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         return TrainResult(run_dir, None, state["step"], val_before, None, interrupted=True)
 
     val_after = evaluate_val()
+    state["elapsed"] = time.time() - step_start  # now including the final evaluation, as eval_s does
     train_seconds = max(state["elapsed"] - state.get("eval_s", 0.0), 1e-9)
     final_dir = run_dir / "final"
     if is_main:
