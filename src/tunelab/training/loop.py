@@ -254,7 +254,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                      "validation_sha256": sha256_file(cfg.data.validation) if cfg.data.validation else None},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "train_seconds": round(train_seconds, 1), "eval_seconds": round(state.get("eval_s", 0.0), 1),
+            "train_seconds": round(train_seconds, 3), "eval_seconds": round(state.get("eval_s", 0.0), 3),
             "tokens_per_s": round(state["tokens"] / train_seconds, 1),
             "peak_rss_mb": round(peak_rss_mb()), "processes": world,
             "config": config_to_dict(cfg), **environment_info()})
