@@ -65,9 +65,9 @@ def generate(model, tokenizer, prompts: list, sampling: SamplingConfig | None = 
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="generating", unit="batch")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for idx in batches:
         width = max(len(encoded[i]) for i in idx)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # left padding: every prompt ends where generation starts
         ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=dev)
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=dev)

@@ -4,6 +4,7 @@ Unknown keys, wrong types and cross-field problems are all collected and raised 
 one ConfigError, each with the key, the bad value and the fix.
 """
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -38,7 +39,7 @@ def load_config(source: "str | Path | dict | RunConfig | None" = None,
     if isinstance(source, RunConfig):
         raw = config_to_dict(source)
     elif isinstance(source, dict):
-        raw = _deepcopy(source)
+        raw = copy.deepcopy(source)
     elif source is None:
         raw = {}
     else:
@@ -243,12 +244,6 @@ def _set_dotted(raw: dict, key: str, value) -> None:
             node[part] = {}
         node = node[part]
     node[parts[-1]] = value
-
-
-def _deepcopy(d):
-    import copy
-
-    return copy.deepcopy(d)
 
 
 def _one_of(problems, key, value, allowed) -> None:

@@ -168,7 +168,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         if val_before is not None:
             info(f"validation loss before training: {val_before:.4f}")
             if is_main:
-                append_metrics(run_dir, {"step": 0, "val_loss": val_before, "val_ppl": math.exp(min(val_before, 50))})
+                append_metrics(run_dir, _val_record(0, val_before))
     stream = batch_stream(state["epoch"], state["batch_in_epoch"])
     progress = _progress(total_steps, state["step"], disable=quiet or not is_main)
     val_after, interrupted = None, False
@@ -180,7 +180,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 micro = [next(stream) for _ in range(micro_per_step)]
                 mine = micro[accelerator.process_index::world]  # this process's share of the step
                 local_targets = sum(e.n_targets for _, _, items in mine for e in items)
-                n_targets = int(accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum"))
+                n_targets = int(_sum_over_processes(accelerator, local_targets))
                 step_loss, step_tokens = 0.0, 0
                 for k, (_, _, items) in enumerate(mine):
                     batch = {key: v.to(accelerator.device) for key, v in collate(items, cfg.train.packing, pad_id).items()}
@@ -198,8 +198,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 epoch, index, _ = micro[-1]
-                step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_targets, 1)
-                step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+                step_loss = _sum_over_processes(accelerator, step_loss) / max(n_targets, 1)
+                step_tokens = int(_sum_over_processes(accelerator, step_tokens))
                 state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index,
                              tokens=state["tokens"] + step_tokens, elapsed=time.time() - step_start)
                 step = state["step"]
@@ -218,7 +218,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 if cfg.train.eval_every_n_steps and step % cfg.train.eval_every_n_steps == 0 and step < total_steps:
                     v = evaluate_val()
                     if v is not None and is_main:
-                        append_metrics(run_dir, {"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
+                        append_metrics(run_dir, _val_record(step, v))
                         progress.console.print(f"step {step}: validation loss {v:.4f}")
                 if cfg.train.save_every_n_steps and step % cfg.train.save_every_n_steps == 0 and step < total_steps:
                     _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator)
@@ -235,7 +235,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     final_dir = run_dir / "final"
     if is_main:
         if val_after is not None:
-            append_metrics(run_dir, {"step": state["step"], "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50))})
+            append_metrics(run_dir, _val_record(state["step"], val_after))
             info(f"validation loss after training: {val_after:.4f}"
                  + (f" (before: {val_before:.4f})" if val_before is not None else ""))
         from tunelab.runs import atomic_dir
@@ -291,10 +291,20 @@ def validation_loss(model, items, micro_batch_size: int, packing: bool, pad_id: 
             s, n = token_loss_sum(model, batch)
         total, count = total + s.item(), count + n
     if accelerator and world > 1:
-        total = float(accelerator.reduce(torch.tensor(total, device=dev), "sum"))
-        count = int(accelerator.reduce(torch.tensor(count, device=dev), "sum"))
+        total, count = _sum_over_processes(accelerator, total), int(_sum_over_processes(accelerator, count))
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _sum_over_processes(accelerator, value: float) -> float:
+    """A number summed over every process (itself when there is one)."""
+    if accelerator.num_processes == 1:
+        return float(value)
+    return float(accelerator.reduce(torch.tensor(float(value), dtype=torch.float64, device=accelerator.device), "sum"))
+
+
+def _val_record(step: int, val_loss: float) -> dict:
+    return {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
 
 
 def _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator) -> Path:
