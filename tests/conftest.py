@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Llama on SmolLM2's real tokenizer, small data files."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 ASSETS = Path(__file__).parent / "assets"
+SRC = Path(__file__).resolve().parents[1] / "src"
+# subprocesses (`python -m tunelab.cli`, torchrun) test this tree's code, not whatever is installed
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
 TOKENIZER_DIR = ASSETS / "smollm2_tokenizer"
 
 
