@@ -8,11 +8,12 @@ HELP = "type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves
 
 
 def chat_loop(model_ref: str, sampling: SamplingConfig | None = None, dtype: str = "auto",
-              system_prompt: str | None = None, input_fn=input, out=sys.stdout) -> list[dict]:
+              system_prompt: str | None = None, input_fn=input, out=sys.stdout,
+              quantization: str | None = None) -> list[dict]:
     """Chat until /exit or end of input. Returns the last conversation (handy in tests)."""
     from tunelab.models import load_model
 
-    model, tok = load_model(model_ref, dtype=dtype)
+    model, tok = load_model(model_ref, dtype=dtype, quantization=quantization)
     start = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages = list(start)
     out.write(f"chatting with {model_ref}; {HELP}\n")

@@ -14,6 +14,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--quantization", default=None, help="nf4 | fp4 | int8: load the weights quantized (bitsandbytes)")
 
 
 def _sampling(a):
@@ -119,10 +120,10 @@ def _dispatch(a) -> int | None:
     elif a.command == "chat":
         from tunelab.chat import chat_loop
 
-        chat_loop(a.model, _sampling(a), dtype=a.dtype, system_prompt=a.system)
+        chat_loop(a.model, _sampling(a), dtype=a.dtype, system_prompt=a.system, quantization=a.quantization)
     elif a.command == "generate":
         out = tunelab.generate_file(a.model, a.prompts, a.out, _sampling(a), batch_size=a.batch_size, dtype=a.dtype,
-                                    system_prompt=a.system)
+                                    system_prompt=a.system, quantization=a.quantization)
         print(f"wrote {out}")
     elif a.command == "export":
         out = tunelab.export(a.model, format=a.format, out=a.out, dtype=a.dtype)

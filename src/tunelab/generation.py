@@ -121,13 +121,13 @@ def read_prompts(path: "str | Path") -> list[dict]:
 
 def generate_file(model_ref: str, prompts_path: "str | Path", out_path: "str | Path",
                   sampling: SamplingConfig | None = None, batch_size: int = 8, dtype: str = "auto",
-                  system_prompt: str | None = None) -> Path:
+                  system_prompt: str | None = None, quantization: str | None = None) -> Path:
     """Answer every prompt of a JSONL/JSON/CSV file; write one JSON line per prompt (atomically)."""
     from tunelab.models import load_model
     from tunelab.runs import atomic_write_text
 
     rows = read_prompts(prompts_path)
-    model, tok = load_model(model_ref, dtype=dtype)
+    model, tok = load_model(model_ref, dtype=dtype, quantization=quantization)
     answers = generate(model, tok, [r["messages"] for r in rows], sampling, batch_size, system_prompt, progress=True)
     lines = []
     for r, a in zip(rows, answers):

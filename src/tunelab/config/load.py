@@ -17,7 +17,8 @@ import yaml
 from tunelab.config.schema import RunConfig
 from tunelab.errors import ConfigError
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
+QUANTIZATIONS = ("nf4", "fp4", "int8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 
@@ -91,6 +92,11 @@ def validate(cfg: RunConfig) -> list[str]:
     t, d, lo, m = cfg.train, cfg.data, cfg.lora, cfg.model
     _one_of(p, "method", cfg.method, METHODS)
     _one_of(p, "model.dtype", m.dtype, DTYPES)
+    if m.quantization is not None:
+        _one_of(p, "model.quantization", m.quantization, QUANTIZATIONS)
+        if cfg.method == "full":
+            p.append(f"model.quantization={m.quantization} with method=full: quantized weights cannot be "
+                     "trained; use method=qlora (adapters on a quantized base) or drop model.quantization")
     _one_of(p, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
     _one_of(p, "data.format", d.format, ("auto", *FORMATS))
     if not m.ref:

@@ -20,6 +20,11 @@ class ModelConfig:
     """Run Python code shipped with a hub model. Off unless you trust its author."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for hub ids; pin it for reproducibility."""
+    quantization: str | None = None
+    """None | nf4 | fp4 | int8: load the (frozen) base quantized with bitsandbytes. method=qlora
+    uses nf4 when this is None."""
+    double_quant: bool = True
+    """4-bit only: quantize the quantization constants too (QLoRA's double quantization)."""
 
 
 @dataclass
@@ -109,10 +114,21 @@ class RunConfig:
     output_dir: str = "runs"
     """Where run directories are made."""
     method: str = "lora"
-    """full | lora: train all weights, or low-rank adapters on a frozen base."""
+    """full | lora | qlora: train all weights, low-rank adapters on a frozen base, or adapters on a
+    4-bit (nf4) base."""
     seed: int = 42
     """Seeds data order, the validation split, LoRA init and dropout."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Adapters on a frozen base (lora, qlora) rather than all weights (full)."""
+        return self.method in ("lora", "qlora")
+
+    @property
+    def base_quantization(self) -> str | None:
+        """How the base loads: model.quantization, else nf4 for qlora, else unquantized."""
+        return self.model.quantization or ("nf4" if self.method == "qlora" else None)

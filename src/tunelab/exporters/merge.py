@@ -32,7 +32,8 @@ def export(model_ref: str, format: str = "merged", out: "str | Path | None" = No
     from tunelab.models import load_model
 
     out = Path(out) if out else Path(model_ref) / "export" / "merged"
-    model, tok = load_model(model_ref, dtype=dtype, device="cpu")
+    # a qlora adapter merges into the full-precision base (as the QLoRA paper does), never a 4-bit one
+    model, tok = load_model(model_ref, dtype=dtype, device="cpu", quantization="none")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     with atomic_dir(out) as tmp:

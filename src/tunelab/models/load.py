@@ -98,7 +98,7 @@ def read_chat_template(name_or_path: str) -> str:
 
 def load_model(ref: str, dtype: str = "auto", device: "str | torch.device | None" = None,
                chat_template: str | None = None, trust_remote_code: bool = False,
-               revision: str | None = None):
+               revision: str | None = None, quantization: str | None = None, double_quant: bool = True):
     """Load a model and its tokenizer from any reference; a run directory loads base + adapter.
 
     Args:
@@ -107,6 +107,10 @@ def load_model(ref: str, dtype: str = "auto", device: "str | torch.device | None
         dtype: auto | bf16 | fp16 | fp32 (auto: bf16 where the hardware is fast at it).
         device: where to put it (default: cuda if present, else cpu).
         chat_template: override the model's chat template (named or .jinja path).
+        quantization: nf4 | fp4 | int8 to load the weights quantized with bitsandbytes (`dtype` is
+            then the compute dtype); "none" forces full precision. None: full precision, except
+            that a run trained with qlora loads its base as it was trained.
+        double_quant: 4-bit only; also quantize the quantization constants.
 
     Returns:
         (model, tokenizer), the model in eval mode.
@@ -114,21 +118,59 @@ def load_model(ref: str, dtype: str = "auto", device: "str | torch.device | None
     source = resolve_model(ref)
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
+    quant = Quantization(quantization, double_quant, dev)
     if source.kind == "run":
-        model, tok = _load_run(source.path, torch_dtype, dev, chat_template, trust_remote_code)
+        model, tok = _load_run(source.path, torch_dtype, dev, chat_template, trust_remote_code, quant)
     else:
         folder = local_folder(source, revision)
         tok = load_tokenizer(folder, chat_template, trust_remote_code)
-        model = _load_weights(folder, torch_dtype, trust_remote_code).to(dev)
+        model = _load_weights(folder, torch_dtype, trust_remote_code, quant, dev)
     model.eval()
     return model, tok
 
 
-def _load_weights(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+class Quantization:
+    """A bitsandbytes quantization request: kind (nf4 | fp4 | int8 | None), double quant, device."""
+
+    KINDS = ("nf4", "fp4", "int8")
+
+    def __init__(self, kind: str | None, double_quant: bool = True, device: "torch.device | None" = None):
+        if kind is not None and kind not in (*self.KINDS, "none"):
+            raise ModelError(f"quantization={kind!r}: use one of {', '.join(self.KINDS)} (or none)")
+        self.kind, self.double_quant, self.device = kind, double_quant, device
+
+    def resolved(self, trained_with: str | None) -> "Quantization":
+        """None means: as the run was trained (its base quantization); "none" forces full precision."""
+        return Quantization(trained_with if self.kind is None else self.kind, self.double_quant, self.device)
+
+    @property
+    def active(self) -> bool:
+        return self.kind in self.KINDS
+
+    def hf_config(self, compute_dtype: torch.dtype):
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ModelError(f"quantization={self.kind} needs bitsandbytes: pip install bitsandbytes") from None
+        if self.kind == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.kind,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+
+
+def _load_weights(folder: Path, dtype: torch.dtype, trust_remote_code: bool,
+                  quant: Quantization | None = None, device: "torch.device | None" = None):
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    if quant is not None and quant.active:
+        # bitsandbytes places the quantized weights itself; .to() afterwards is refused
+        kwargs = {"quantization_config": quant.hf_config(dtype), "device_map": str(device or "cpu")}
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        return model if kwargs or device is None else model.to(device)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(f"model {folder}: it needs its own Python code; if you trust its author set "
@@ -153,23 +195,27 @@ def run_model_dir(path: Path) -> Path:
     return path / "final"
 
 
-def _load_run(path: Path, dtype, dev, chat_template, trust_remote_code):
+def _load_run(path: Path, dtype, dev, chat_template, trust_remote_code, quant: Quantization):
     from tunelab.config import load_config
 
     weights = run_model_dir(path)
     root = run_root(path)
     if (weights / "config.json").is_file():  # full fine-tuning: a complete model
         tok = load_tokenizer(weights, chat_template, trust_remote_code)
-        return _load_weights(weights, dtype, trust_remote_code).to(dev), tok
+        return _load_weights(weights, dtype, trust_remote_code, quant.resolved(None), dev), tok
     if root is None:
         raise ModelError(f"model {path}: an adapter without its run's config.yaml; load the base model "
                          "and the adapter with peft, or point at the run directory")
     cfg = load_config(root / "config.yaml")
     base_src = resolve_model(cfg.model.ref)
-    base = _load_weights(local_folder(base_src, cfg.model.revision), dtype, trust_remote_code or cfg.model.trust_remote_code)
+    quant = quant.resolved(cfg.base_quantization)
+    base = _load_weights(local_folder(base_src, cfg.model.revision), dtype,
+                         trust_remote_code or cfg.model.trust_remote_code, quant, dev)
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, weights).to(dev)
+    model = PeftModel.from_pretrained(base, weights)
+    if not quant.active:
+        model = model.to(dev)
     tok = load_tokenizer(weights if (weights / "tokenizer_config.json").is_file() else local_folder(base_src),
                          chat_template, trust_remote_code)
     return model, tok

@@ -64,7 +64,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, method: str, rank
     """Restore everything saved by save_checkpoint into live objects; return the trainer state."""
     from safetensors.torch import load_file
 
-    if method == "lora":
+    if method in ("lora", "qlora"):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))

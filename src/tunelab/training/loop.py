@@ -85,10 +85,12 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # Trained weights stay fp32 (master weights) and matmuls run in compute_dtype under autocast.
     # A LoRA base never updates, so it loads straight in the compute dtype: half the memory, and
     # autocast stops re-casting every weight on every step. peft keeps the adapters in fp32.
-    frozen_low = cfg.method == "lora" and compute_dtype != torch.float32
+    # A qlora base is 4-bit (bitsandbytes) and dequantizes to compute_dtype inside each matmul.
+    frozen_low = cfg.uses_adapter and compute_dtype != torch.float32
     model, tokenizer = load_model(cfg.model.ref, dtype=dtype_name(compute_dtype) if frozen_low else "fp32", device="cpu",
                                   chat_template=cfg.model.chat_template,
-                                  trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+                                  trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                                  quantization=cfg.base_quantization or "none", double_quant=cfg.model.double_quant)
     data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
     if not data.train:
         raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
@@ -102,7 +104,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         from tunelab.training.attention import use_packed_attention
 
         use_packed_attention(model)
-    if cfg.method == "lora":
+    if cfg.uses_adapter:
         from tunelab.training.lora import apply_lora
 
         model = apply_lora(model, cfg.lora)
@@ -123,7 +125,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
          f"{total_steps} steps of {effective} examples ({total_steps / steps_per_epoch:.2f} epochs); run {run_dir}")
 
     train_tokens = total_steps * effective * sum(len(e.input_ids) for e in data.train) / len(data.train)
-    if cfg.train.compile or (cfg.train.compile is None and train_tokens >= AUTO_COMPILE_TOKENS):
+    # auto leaves a bitsandbytes base eager: its custom 4/8-bit kernels break compiled graphs
+    auto_compile = train_tokens >= AUTO_COMPILE_TOKENS and cfg.base_quantization is None
+    if cfg.train.compile or (cfg.train.compile is None and auto_compile):
         compile_blocks(model)
         info(f"compiling the model with torch.compile (the first step takes longer; ~{train_tokens / 1e3:.0f}k "
              "tokens to train pays it back)")
@@ -242,7 +246,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
 
         with atomic_dir(final_dir) as tmp:
             ckpt.save_weights(accelerator.unwrap_model(model), tmp, tokenizer)
-            if cfg.method == "lora":
+            if cfg.uses_adapter:
                 _point_adapter_at_ref(tmp, cfg.model.ref)
         plot_losses(run_dir)
         write_manifest(run_dir, {

@@ -1,0 +1,70 @@
+"""Quantized bases through bitsandbytes: 4-bit/8-bit loading, QLoRA training, loading and export."""
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import load_config
+from tunelab.errors import ConfigError, ModelError
+from tunelab.runs import read_metrics
+
+from conftest import make_tiny_model
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def tiny64_dir(tmp_path_factory):
+    # bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 along the input dim: hidden 32 is too narrow
+    return make_tiny_model(tmp_path_factory.mktemp("tiny64"), hidden=64)
+
+
+@pytest.fixture
+def qlora_config(tiny_config, tiny64_dir):
+    return {**tiny_config, "method": "qlora", "model": {"ref": str(tiny64_dir), "dtype": "bf16"},
+            "data": {**tiny_config["data"], "val_fraction": 0},
+            "train": {**tiny_config["train"], "max_steps": 10}}
+
+
+@pytest.mark.parametrize("kind, layer", [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_loading_replaces_the_linear_layers(tiny64_dir, kind, layer):
+    model, _ = tunelab.load_model(str(tiny64_dir), dtype="bf16", quantization=kind)
+    proj = model.model.layers[0].mlp.up_proj
+    assert type(proj).__name__ == layer
+    full, _ = tunelab.load_model(str(tiny64_dir), dtype="bf16")
+    assert model.get_memory_footprint() < full.get_memory_footprint()
+    ids = torch.tensor([[1, 400, 500, 600, 700]])
+    with torch.no_grad():
+        q, f = model(input_ids=ids).logits.float(), full(input_ids=ids).logits.float()
+    # quantization error, not garbage: the quantized model's predictions track the full one's
+    assert torch.corrcoef(torch.stack([q.flatten(), f.flatten()]))[0, 1] > 0.9
+
+
+def test_unknown_quantization_is_a_clear_error(tiny64_dir):
+    with pytest.raises(ModelError, match="nf4, fp4, int8"):
+        tunelab.load_model(str(tiny64_dir), quantization="int3")
+
+
+def test_quantized_full_fine_tuning_is_refused(tiny_config):
+    cfg = {**tiny_config, "method": "full", "model": {**tiny_config["model"], "quantization": "nf4"}}
+    with pytest.raises(ConfigError, match="method=qlora"):
+        load_config(cfg)
+
+
+def test_qlora_trains_on_a_4bit_base_and_loads_back_quantized(qlora_config, tmp_path):
+    result = tunelab.train(qlora_config, quiet=True)
+    losses = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    assert (result.run_dir / "final" / "adapter_model.safetensors").is_file()
+    # the run loads as it was trained: 4-bit base + adapter
+    model, tok = tunelab.load_model(str(result.run_dir), dtype="bf16")
+    base_layer = model.base_model.model.model.layers[0].mlp.up_proj.base_layer
+    assert type(base_layer).__name__ == "Linear4bit"
+    # the merged export is full precision and close to the 4-bit model it came from
+    out = tunelab.export(str(result.run_dir), format="merged", out=tmp_path / "merged")
+    merged, _ = tunelab.load_model(str(out), dtype="fp32")
+    assert type(merged.model.layers[0].mlp.up_proj).__name__ == "Linear"
+    ids = tok("Label the sentiment. Great food!", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits.float(), merged(input_ids=ids).logits.float()
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
