@@ -30,17 +30,18 @@ def naive_loglikelihoods(model, tok, requests):
     return out
 
 
-@pytest.mark.parametrize("task,path,k", [
-    ("hellaswag", "hellaswag_rowanz.jsonl", 0),
-    ("arc_easy", "arc_easy_llmfoundry.jsonl", 2),  # random shots share a prefix with the question
-    ("winogrande", "winogrande_llmfoundry.jsonl", 1),  # partial scoring: contexts differ, ending shared
-    ("mmlu", "mmlu/test", 2),  # one-token answers: all choices read the same position
-    ("truthfulqa_mc2", "truthfulqa.csv", 0),
+@pytest.mark.parametrize("task,path,k,limit", [
+    ("hellaswag", "hellaswag_rowanz.jsonl", 0, 4),
+    ("arc_easy", "arc_easy_llmfoundry.jsonl", 2, 4),  # random shots share a prefix with the question
+    ("winogrande", "winogrande_llmfoundry.jsonl", 1, 4),  # partial scoring: contexts differ, ending shared
+    ("mmlu", "mmlu/test", 2, 1),  # one-token answers: all choices read the same position
+    ("truthfulqa_mc2", "truthfulqa.csv", 0, 1),
 ])
-def test_packed_scoring_equals_a_per_choice_loop(tiny, task, path, k):
+def test_packed_scoring_equals_a_per_choice_loop(tiny, task, path, k, limit):
     model, tok = tiny
-    preds, metrics = mc.run_task(model, tok, task, MC / path, num_fewshot=k, batch_size=3, progress=False)
-    items = TASKS[task].read(MC / path)
+    preds, metrics = mc.run_task(model, tok, task, MC / path, num_fewshot=k, limit=limit, batch_size=3,
+                                 progress=False)
+    items = mc._limited(TASKS[task].read(MC / path), limit)
     shots = mc.fewshot_examples(TASKS[task], items, MC / path, k, None, 1234)
     assert len(preds) == len(items) == metrics["n"]
     for p, item, s in zip(preds, items, shots):
