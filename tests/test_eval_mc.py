@@ -35,10 +35,14 @@ def naive_loglikelihoods(model, tok, requests):
     ("arc_easy", "arc_easy_llmfoundry.jsonl", 2, 4),  # random shots share a prefix with the question
     ("winogrande", "winogrande_llmfoundry.jsonl", 1, 4),  # partial scoring: contexts differ, ending shared
     ("mmlu", "mmlu/test", 2, 1),  # one-token answers: all choices read the same position
-    ("truthfulqa_mc2", "truthfulqa.csv", 0, 1),
+    ("mmlu", "mmlu/test/anatomy_test.csv", 3, 4),  # description + dev shots run once for the batch
+    ("truthfulqa_mc1", "truthfulqa.csv", 0, 2),  # the six fixed examples run once
 ])
-def test_packed_scoring_equals_a_per_choice_loop(tiny, task, path, k, limit):
+def test_packed_scoring_equals_a_per_choice_loop(tiny, task, path, k, limit, monkeypatch):
     model, tok = tiny
+    starts = []
+    common_start = mc._common_start
+    monkeypatch.setattr(mc, "_common_start", lambda items: starts.append(common_start(items)) or starts[-1])
     preds, metrics = mc.run_task(model, tok, task, MC / path, num_fewshot=k, limit=limit, batch_size=3,
                                  progress=False)
     items = mc._limited(TASKS[task].read(MC / path), limit)
@@ -48,6 +52,8 @@ def test_packed_scoring_equals_a_per_choice_loop(tiny, task, path, k, limit):
         expected = naive_loglikelihoods(model, tok, mc.item_requests(item, s))
         assert p["loglikelihoods"] == pytest.approx(expected, abs=2e-4)
         assert p["pred"] == max(range(len(expected)), key=lambda i: (expected[i], -i))
+    if task in ("truthfulqa_mc1", "mmlu") and limit > 1:  # the common start ran once, apart
+        assert max(starts) > 50
     assert metrics["acc"] == sum(p["correct"] for p in preds) / len(preds)
 
 

@@ -214,6 +214,7 @@ class Packed:
     def __init__(self, pairs: list[tuple[list[int], list[int]]], max_len: int):
         tokens, parent, depth, child = [], [], [], {}
         self.targets = []  # per request: (tree nodes whose logits predict the continuation, its tokens)
+        self.paths = []
         for ctx, cont in pairs:
             seq = (ctx + cont)[-(max_len + 1):][:-1]  # lm-eval truncates long inputs from the left
             node, path = -1, []
@@ -228,7 +229,14 @@ class Packed:
                 node = nxt
                 path.append(node)
             self.targets.append((path[-len(cont):], cont))
+            self.paths.append(path)
         self.tokens, self.parent, self.depth = tokens, parent, depth
+        # leading tokens every sequence runs through before its first scored position: the part
+        # another item with the same start (MMLU's dev shots, TruthfulQA's fixed examples) can share
+        shared = min(len(p) - len(c) for p, (_, c) in zip(self.paths, self.targets))
+        for p in self.paths:
+            shared = min(shared, next((i for i, n in enumerate(p[:shared]) if n != i), shared))
+        self.shared = shared
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -270,7 +278,9 @@ def score_requests(model, tokenizer, requests: list[list[tuple[str, str]]], *, b
     encoded = encode_requests(tokenizer, requests)
     limit = max_length(model, tokenizer)
     packed = [Packed(pairs, limit) for pairs in encoded]
-    order = sorted(range(len(packed)), key=lambda i: -len(packed[i]))  # longest first: memory peaks at once
+    buckets = _buckets(packed)
+    # items with a common start together (their start runs once), the rest longest first
+    order = sorted(range(len(packed)), key=lambda i: (buckets[i] is None, buckets[i] or (), -len(packed[i])))
     results: list[list[float]] = [[] for _ in packed]
     split = _body_and_head(model)
     device = next(model.parameters()).device
@@ -285,9 +295,13 @@ def score_requests(model, tokenizer, requests: list[list[tuple[str, str]]], *, b
     while pos < len(order):
         width = len(packed[order[pos]])
         rows = max(1, min(batch_size, TOKEN_BUDGET // max(width, 1)))
-        batch = order[pos:pos + rows]
+        batch = [order[pos]]
+        while len(batch) < rows and pos + len(batch) < len(order) and \
+                buckets[order[pos + len(batch)]] == buckets[order[pos]]:
+            batch.append(order[pos + len(batch)])
         pos += len(batch)
-        for i, lls in zip(batch, _score_batch(model, split, [packed[i] for i in batch], width, device, dtype)):
+        items = [packed[i] for i in batch]
+        for i, lls in zip(batch, _score_batch(model, split, items, _common_start(items), device, dtype)):
             results[i] = lls
         if bar is not None:
             bar.update(len(batch))
@@ -296,26 +310,66 @@ def score_requests(model, tokenizer, requests: list[list[tuple[str, str]]], *, b
     return results
 
 
-def _score_batch(model, split, items: list[Packed], width: int, device, dtype) -> list[list[float]]:
-    n = len(items)
+MIN_SHARED = 16  # a common start shorter than this is not worth a separate pass
+
+
+def _buckets(packed: list[Packed]) -> list[tuple | None]:
+    """Items whose first MIN_SHARED shareable tokens equal another item's get that start as a key."""
+    keys = [tuple(p.tokens[:MIN_SHARED]) if p.shared >= MIN_SHARED else None for p in packed]
+    counts: dict = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return [k if k is not None and counts[k] > 1 else None for k in keys]
+
+
+def _common_start(items: list[Packed]) -> int:
+    """How many leading tokens all items of a batch share before any scored position (0: none worth it)."""
+    if len(items) < 2:
+        return 0
+    n = min(p.shared for p in items)
+    first = items[0].tokens
+    for p in items[1:]:
+        n = next((i for i in range(n) if p.tokens[i] != first[i]), n)
+    return n if n >= MIN_SHARED else 0
+
+
+def _cache_kwarg(module) -> str:
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
+
+
+def _score_batch(model, split, items: list[Packed], shared: int, device, dtype) -> list[list[float]]:
+    """Log-likelihoods of a batch of packed items; their first `shared` tokens (identical) run once."""
+    n, s = len(items), shared
+    width = max(len(p) for p in items) - s
     ids = torch.zeros((n, width), dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    visible = torch.zeros((n, 1, width, width), dtype=torch.bool)
-    visible[:, 0] = torch.eye(width, dtype=torch.bool)  # padding sees itself: no empty softmax rows
+    visible = torch.zeros((n, 1, width, s + width), dtype=torch.bool)
+    visible[:, 0, :, :s] = True  # the shared start is every token's ancestor
+    visible[:, 0, :, s:] = torch.eye(width, dtype=torch.bool)  # padding sees itself: no empty softmax rows
     for r, p in enumerate(items):
-        t = len(p)
-        ids[r, :t] = torch.tensor(p.tokens)
-        positions[r, :t] = torch.tensor(p.depth)
-        visible[r, 0, :t, :t] = torch.from_numpy(p.ancestors())
+        t = len(p) - s
+        ids[r, :t] = torch.tensor(p.tokens[s:])
+        positions[r, :t] = torch.tensor(p.depth[s:])
+        visible[r, 0, :t, s:s + t] = torch.from_numpy(p.ancestors()[s:, s:])
     mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     # the (row, column) of every tree node whose logits predict some continuation token, each once
     nodes: dict[tuple[int, int], int] = {}
     wanted = []  # per item, per request: (node indices, target tokens)
     for r, p in enumerate(items):
-        wanted.append([([nodes.setdefault((r, c), len(nodes)) for c in cols], toks) for cols, toks in p.targets])
+        wanted.append([([nodes.setdefault((r, c - s), len(nodes)) for c in cols], toks) for cols, toks in p.targets])
     where = torch.tensor(list(nodes), dtype=torch.long)
     kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                   use_cache=False)
+    if s:  # run the shared start once, then give every row its keys and values
+        runner = split[0] if split is not None else model
+        start = torch.tensor([items[0].tokens[:s]], device=device)
+        out = runner(input_ids=start, position_ids=torch.arange(s, device=device)[None], use_cache=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache.batch_repeat_interleave(n)
+        kwargs.update({_cache_kwarg(runner): cache, "use_cache": True})
     if split is not None:
         body, head = split
         hidden = body(**kwargs).last_hidden_state[where[:, 0].to(device), where[:, 1].to(device)]
