@@ -251,11 +251,11 @@ def test_limit_applies_per_mmlu_subject(tiny):
 
 @pytest.mark.real_model
 def test_smollm2_arc_easy_matches_lm_eval():
-    """lm-eval 0.4.13 on these 20 items (bench/eval_vs_lmeval.py --tasks arc_easy --limit 20, fp32): ACC."""
+    """lm-eval 0.4.13 on these 20 items (bench/eval_vs_lmeval.py --tasks arc_easy --limit 20, fp32): 0.65, 0.35."""
     from tunelab.models import load_model
 
     model, tok = load_model("smollm2-135m-instruct", dtype="fp32")
     preds, metrics = mc.run_task(model, tok, "arc_easy", MC / "arc_easy_llmfoundry_20.jsonl", progress=False)
     assert metrics["n"] == 20
-    assert metrics["acc"] == pytest.approx(ACC, abs=0.051)  # one item either way
-    assert metrics["acc_norm"] == pytest.approx(NORM, abs=0.051)
+    assert metrics["acc"] == pytest.approx(0.65, abs=0.051)  # one item either way
+    assert metrics["acc_norm"] == pytest.approx(0.35, abs=0.051)
