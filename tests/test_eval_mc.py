@@ -259,3 +259,19 @@ def test_smollm2_arc_easy_matches_lm_eval():
     assert metrics["n"] == 20
     assert metrics["acc"] == pytest.approx(0.65, abs=0.051)  # one item either way
     assert metrics["acc_norm"] == pytest.approx(0.35, abs=0.051)
+
+
+def test_a_peft_model_scores_through_its_adapter(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir), dtype="fp32")
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    items = TASKS["arc_easy"].read(MC / "arc_easy_llmfoundry.jsonl")[:2]
+    requests = [mc.item_requests(it, []) for it in items]
+    got = mc.score_requests(peft, tok, requests, progress=False)
+    for lls, reqs in zip(got, requests):
+        assert lls == pytest.approx(naive_loglikelihoods(peft, tok, reqs), abs=2e-4)
+    with peft.disable_adapter():  # the adapter changes the numbers: it was really used
+        assert mc.score_requests(peft, tok, requests, progress=False)[0] != pytest.approx(got[0], abs=1e-3)
