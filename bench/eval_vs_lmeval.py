@@ -147,6 +147,11 @@ def write_lmeval_tasks(tasks: list[str], out: Path) -> list[str]:
 
 # ---------------------------------------------------------------- runs
 
+def _shots(task: str, num_fewshot):
+    """--num-fewshot for every task but TruthfulQA, whose prompt holds its fixed examples."""
+    return None if task.startswith("truthfulqa") else num_fewshot
+
+
 def run_lmeval(folder: Path, tasks: list[str], limit, num_fewshot, batch_size: int, tmp: Path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -170,7 +175,7 @@ def run_lmeval(folder: Path, tasks: list[str], limit, num_fewshot, batch_size: i
         mine = [n for n in names if n == f"local_{task}" or n.startswith(f"local_{task}_")]
         spent["s"] = 0.0
         res = simple_evaluate(model=lm, tasks=mine, task_manager=TaskManager(include_path=str(tmp)),
-                              limit=limit, num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0,
+                              limit=limit, num_fewshot=_shots(task, num_fewshot), log_samples=True, bootstrap_iters=0,
                               random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
         metric = "acc,none"
         n = sum(len(res["samples"][m]) for m in mine)
@@ -192,7 +197,7 @@ def run_ours(ref: str, tasks: list[str], limit, num_fewshot, batch_size: int, dt
     model, tok = load_model(ref, dtype=dtype)
     out = {}
     for task in tasks:
-        preds, m = run_task(model, tok, task, BENCH / FILES[task], num_fewshot=num_fewshot, limit=limit,
+        preds, m = run_task(model, tok, task, BENCH / FILES[task], num_fewshot=_shots(task, num_fewshot), limit=limit,
                             batch_size=batch_size, progress=False)
         out[task] = {"acc": m["acc"] if task != "truthfulqa_mc2" else m["mc2"], "acc_norm": m.get("acc_norm"),
                      "n": m["n"], "seconds": m["seconds"], "preds": preds}
