@@ -134,14 +134,16 @@ def write_lmeval_tasks(tasks: list[str], out: Path) -> list[str]:
             (out / "winogrande_utils.py").write_text(WINOGRANDE_UTILS)
             (out / f"{name}.yaml").write_text(
                 f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-                "test_split: test\noutput_type: multiple_choice\n"
+                "test_split: test\nfewshot_split: test\noutput_type: multiple_choice\n"
                 "doc_to_text: !function winogrande_utils.doc_to_text\n"
                 "doc_to_target: !function winogrande_utils.doc_to_target\n"
                 "doc_to_choice: !function winogrande_utils.doc_to_choice\n"
                 "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
             names.append(name)
             continue
-        write(name, builtin / include, {}, {"test": data})
+        # shots drawn from the test split itself, the item excluded (lm-eval does so only when
+        # fewshot_split names the test split; tunelab always does)
+        write(name, builtin / include, {"fewshot_split": "test"}, {"test": data})
     return names
 
 

@@ -45,8 +45,9 @@ def test_packed_scoring_equals_a_per_choice_loop(tiny, task, path, k, limit, mon
     monkeypatch.setattr(mc, "_common_start", lambda items: starts.append(common_start(items)) or starts[-1])
     preds, metrics = mc.run_task(model, tok, task, MC / path, num_fewshot=k, limit=limit, batch_size=3,
                                  progress=False)
-    items = mc._limited(TASKS[task].read(MC / path), limit)
-    shots = mc.fewshot_examples(TASKS[task], items, MC / path, k, None, 1234)
+    every = TASKS[task].read(MC / path)
+    items = mc._limited(every, limit)
+    shots = mc.fewshot_examples(TASKS[task], items, MC / path, k, None, 1234, pool=every)
     assert len(preds) == len(items) == metrics["n"]
     for p, item, s in zip(preds, items, shots):
         expected = naive_loglikelihoods(model, tok, mc.item_requests(item, s))

@@ -59,8 +59,9 @@ def run_task(model, tokenizer, task: str, path: "str | Path", *, num_fewshot: in
         raise DataError(f"num_fewshot must be 0 or more, got {k}")
     if k and task.startswith("truthfulqa"):
         raise DataError(f"{task}: its prompt already holds lm-eval's six fixed Q/A examples; use num_fewshot=0")
-    items = _limited(spec.read(path), limit)
-    shots = fewshot_examples(spec, items, path, k, fewshot_path, seed)
+    every = spec.read(path)
+    items = _limited(every, limit)
+    shots = fewshot_examples(spec, items, path, k, fewshot_path, seed, pool=every)
     start = time.perf_counter()
     requests = [item_requests(item, s) for item, s in zip(items, shots)]
     lls = score_requests(model, tokenizer, requests, batch_size=batch_size, progress=progress,
@@ -95,8 +96,12 @@ def _same(a: Item, b: Item) -> bool:
     return (a.text, a.choices, a.gold, a.target) == (b.text, b.choices, b.gold, b.target)
 
 
-def fewshot_examples(spec: Task, items: list[Item], path: Path, k: int, fewshot_path, seed: int) -> list[list[Item]]:
-    """The solved examples put before each item, chosen as lm-eval's samplers choose them."""
+def fewshot_examples(spec: Task, items: list[Item], path: Path, k: int, fewshot_path, seed: int,
+                     pool: list[Item] | None = None) -> list[list[Item]]:
+    """The solved examples put before each item, chosen as lm-eval's samplers choose them.
+
+    Without fewshot_path they are drawn from `pool` (the whole evaluated file, also under a limit).
+    """
     if k == 0:
         return [[] for _ in items]
     if spec.sampler == "first_n":  # MMLU: the first k dev questions of the item's subject
@@ -109,7 +114,7 @@ def fewshot_examples(spec: Task, items: list[Item], path: Path, k: int, fewshot_
                                 f"examples for {item.subject}, {k} asked; lower num_fewshot")
             out.append(pool[:k])
         return out
-    pool = spec.read(Path(fewshot_path)) if fewshot_path else items
+    pool = spec.read(Path(fewshot_path)) if fewshot_path else (pool if pool is not None else items)
     rnd = random.Random(seed)  # one generator consumed item after item, as lm-eval's ContextSampler
     out = []
     for item in items:
