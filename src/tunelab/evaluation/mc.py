@@ -372,7 +372,8 @@ def _score_batch(model, split, items: list[Packed], shared: int, device, dtype) 
         runner = split[0] if split is not None else model
         start = torch.tensor([items[0].tokens[:s]], device=device)
         out = runner(input_ids=start, position_ids=torch.arange(s, device=device)[None], use_cache=True)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        # transformers 5.x names it `cache` (reading the old name warns); earlier ones past_key_values
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
         cache.batch_repeat_interleave(n)
         kwargs.update({_cache_kwarg(runner): cache, "use_cache": True})
     if split is not None:
