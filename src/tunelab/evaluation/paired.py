@@ -67,7 +67,7 @@ def compare_results(ra: EvalResult, rb: EvalResult, resamples: int = 1000, seed:
         raise TunelabError("compare: the two evaluations are not on the same items (sources differ); "
                            "evaluate both on the same file with the same --limit")
     rows = {}
-    for name in ra.item_scores.keys() & rb.item_scores.keys():
+    for name in [k for k in ra.item_scores if k in rb.item_scores]:
         va, vb = ra.item_scores[name], rb.item_scores[name]
         cis_a, cis_b = ra.metrics["metrics"].get("ci95", {}), rb.metrics["metrics"].get("ci95", {})
         row = {"a": _headline(ra, name), "a_ci95": cis_a.get(name), "b": _headline(rb, name),
@@ -135,10 +135,11 @@ def write_compare(out: Path, r: CompareResult) -> Path:
         blocks.append(("table", ["", "A", "B"], [[k, rp.fmt(v["a"]), rp.fmt(v["b"])] for k, v in s["other"].items()]))
     blocks += [("h2", "Error flags"),
                ("table", ["flag", "A", "B"], [[f, s["flags"]["a"][f], s["flags"]["b"][f]] for f in FLAGS]),
-               ("h2", f"Where the answers differ ({s['answers_differ']} of {s['n']} items; biggest score changes first)"),
-               ("table", ["item", "prompt", "reference", "A", "B", f"{s['primary_metric']} A -> B"],
-                [[d["id"], d["prompt"], d["reference"], d["a"], d["b"], f"{rp.fmt(d['a_score'])} -> {rp.fmt(d['b_score'])}"]
-                 for d in s["differing_examples"][:10]])]
+               ("h2", f"Where the answers differ ({s['answers_differ']} of {s['n']} items; biggest score changes first)")]
+    if s["differing_examples"]:
+        blocks += [("table", ["item", "prompt", "reference", "A", "B", f"{s['primary_metric']} A -> B"],
+                    [[d["id"], d["prompt"], d["reference"], d["a"], d["b"],
+                      f"{rp.fmt(d['a_score'])} -> {rp.fmt(d['b_score'])}"] for d in s["differing_examples"][:10]])]
     images = {}
     if any(k != "bleu" for k in s["metrics"]):
         images["compare.png"] = compare_plot(s)
