@@ -314,3 +314,18 @@ def test_score_answers_needs_references(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     with pytest.raises(TunelabError, match="no reference"):
         score_answers(load_items(f), ["hello"], metrics=["f1"])
+
+
+def test_cli_judge_with_a_judge_model(tiny_model_dir, sentiment_file, tmp_path):
+    from conftest import make_tiny_model
+    from tunelab.cli import build_parser, main
+
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    out = tmp_path / "judge"
+    assert main(["judge", str(tiny_model_dir), str(other), "--data", str(sentiment_file), "--judge", str(tiny_model_dir),
+                 "--limit", "2", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    ratings = json.loads((out / "ratings.json").read_text())
+    assert ratings["judgments"] == 2 and ratings["judge"] == str(tiny_model_dir)
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2
+    a = build_parser().parse_args(["curve", "c.yaml", "--data", "t.jsonl", "--fractions", "0.5,1", "--set", "seed=1"])
+    assert (a.fractions, a.set, a.max_new_tokens) == ("0.5,1", ["seed=1"], None)
