@@ -122,6 +122,10 @@ def validate(cfg: RunConfig) -> list[str]:
     _positive(p, "train.keep_checkpoints", t.keep_checkpoints)
     if cfg.eval.every_n_steps < 0 or (cfg.eval.limit is not None and cfg.eval.limit < 1):
         p.append("eval.every_n_steps must be >= 0 and eval.limit >= 1 or null")
+    from tunelab.evaluation.metrics import METRICS
+
+    for name in cfg.eval.metrics:
+        _one_of(p, "eval.metrics", name, METRICS)
     if t.threads is not None:
         _positive(p, "train.threads", t.threads)
     if cfg.method == "full" and t.learning_rate > 1e-3:
