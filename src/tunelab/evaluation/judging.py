@@ -227,7 +227,7 @@ def _write(out: Path, r: JudgeResult, models, items, answers, judge) -> Path:
         images["ratings.png"] = ratings_plot(s)
         blocks.append(("img", "ratings.png", images["ratings.png"], "ratings"))
     if judge:
-        blocks += [("h2", "Judge prompt"), ("p", JUDGE_PROMPT)]
+        blocks += [("h2", "Judge prompt"), ("pre", JUDGE_PROMPT)]
     lines = "".join(json.dumps({"source": it["source"], "prompt": it["messages"][-1]["content"],
                                 **{str(m): answers[m][i] for m in models}}, ensure_ascii=False) + "\n"
                     for i, it in enumerate(items))

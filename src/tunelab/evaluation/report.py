@@ -17,7 +17,7 @@ from pathlib import Path
 from tunelab.evaluation.flags import FLAGS
 from tunelab.runs import atomic_dir
 
-# blocks: ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", filename, png_bytes, alt)
+# blocks: ("h1"|"h2"|"p"|"pre", text) | ("table", header, rows) | ("img", filename, png_bytes, alt)
 
 
 def fmt(v) -> str:
@@ -46,6 +46,8 @@ def render_md(blocks) -> str:
             out.append(f"## {b[1]}\n")
         elif b[0] == "p":
             out.append(f"{b[1]}\n")
+        elif b[0] == "pre":
+            out.append(f"```text\n{b[1]}\n```\n")
         elif b[0] == "table":
             esc = [[cell(c).replace("|", "\\|") for c in row] for row in [b[1], *b[2]]]
             out.append("\n".join(["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(b[1])]
@@ -58,7 +60,7 @@ def render_md(blocks) -> str:
 def render_html(blocks, title: str) -> str:
     body = []
     for b in blocks:
-        if b[0] in ("h1", "h2", "p"):
+        if b[0] in ("h1", "h2", "p", "pre"):
             body.append(f"<{b[0]}>{html.escape(str(b[1]))}</{b[0]}>")
         elif b[0] == "table":
             head = "".join(f"<th>{html.escape(cell(c))}</th>" for c in b[1])
