@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct learns to label the sentiment of review sentences (UCI, CC BY 4.0; shipped
 in the package). It prints the base model's answers to held-out reviews, trains a LoRA adapter,
-then prints validation loss and accuracy before and after, and the answers side by side.
+then prints validation loss and label accuracy before and after (a paired comparison with
+McNemar's test, report in <run>/eval/quickstart-compare/), and the answers side by side.
 """
 
 from importlib.resources import files
