@@ -4,6 +4,7 @@ ratings, error flags, and the output folders of eval / compare / judge / curve o
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -329,3 +330,19 @@ def test_cli_judge_with_a_judge_model(tiny_model_dir, sentiment_file, tmp_path):
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
     a = build_parser().parse_args(["curve", "c.yaml", "--data", "t.jsonl", "--fractions", "0.5,1", "--set", "seed=1"])
     assert (a.fractions, a.set, a.max_new_tokens) == ("0.5,1", ["seed=1"], None)
+
+
+def test_quickstart_compares_base_and_tuned_on_the_tiny_model(tiny_model_dir, tiny_config, monkeypatch, tmp_path):
+    """The quickstart's evaluation path (label evaluation + compare), with the tiny model standing in."""
+    import tunelab.models
+    from tunelab.recipes import quickstart as qs
+
+    real_load = tunelab.models.load_model
+    monkeypatch.setattr(tunelab.models, "load_model",
+                        lambda ref, **kw: real_load(str(tiny_model_dir) if ref == "smollm2-135m-instruct" else ref, **kw))
+    monkeypatch.setattr(qs, "quickstart_config", lambda output_dir, max_steps: {**tiny_config, "output_dir": output_dir})
+    s = qs.quickstart(output_dir=str(tmp_path / "runs"), max_steps=2, n_eval=4, n_show=2)
+    run = Path(s["run_dir"])
+    assert s["base"]["n"] == 4 and 0 <= s["mcnemar"]["p_value"] <= 1 and "cohen_kappa" in s["tuned"]
+    assert (run / "eval" / "quickstart-compare" / "report.html").is_file()
+    assert "McNemar" in (run / "quickstart.md").read_text()
