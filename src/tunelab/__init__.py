@@ -25,6 +25,9 @@ _API = {
     "export": "tunelab.exporters",
     "inspect_data": "tunelab.data.inspect",
     "quickstart": "tunelab.recipes.quickstart",
+    "evaluate": "tunelab.evaluation", "compare": "tunelab.evaluation", "judge": "tunelab.evaluation",
+    "learning_curve": "tunelab.evaluation", "EvalResult": "tunelab.evaluation",
+    "CompareResult": "tunelab.evaluation", "JudgeResult": "tunelab.evaluation", "CurveResult": "tunelab.evaluation",
     "TunelabError": "tunelab.errors", "ConfigError": "tunelab.errors", "DataError": "tunelab.errors",
     "ModelError": "tunelab.errors", "RunError": "tunelab.errors",
 }

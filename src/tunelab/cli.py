@@ -79,7 +79,78 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="fp32")
 
     sub.add_parser("models", help="list model aliases and named chat templates")
+    _eval_parsers(sub)
     return p
+
+
+def _eval_args(p: argparse.ArgumentParser, labels: bool = True) -> None:
+    p.add_argument("--data", required=True, help="test file (any training format; the answer is the reference)")
+    if labels:
+        p.add_argument("--metrics", default=None, help="exact_match,f1,rouge_l,bleu (default: all)")
+        p.add_argument("--labels", default=None, help="label task: the label set, e.g. none,against,favor")
+    p.add_argument("--limit", type=int, default=None, help="the first N items only")
+    p.add_argument("--out", default=None, help="output folder (default <run>/eval/<name> or evals/<name>)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _sampling_args(p)
+    p.set_defaults(max_new_tokens=None)
+
+
+def _eval_parsers(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a model on a test file: metrics, labels or a multiple-choice task")
+    e.add_argument("model")
+    e.add_argument("--task", default=None, help="multiple-choice task by log-likelihood (hellaswag, arc, mmlu, ...)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="default: the task's own (5 for mmlu, else 0)")
+    _eval_args(e)
+    c = sub.add_parser("compare", help="two models on the same items: paired bootstrap, McNemar, differences")
+    c.add_argument("a")
+    c.add_argument("b")
+    _eval_args(c)
+    j = sub.add_parser("judge", help="blind pairwise A/B judgments (you or a judge model); Elo, Bradley-Terry")
+    j.add_argument("models", nargs="+", help="two or more models")
+    j.add_argument("--judge", default=None, help="judge model (default: you, at the terminal)")
+    j.add_argument("--judge-seed", type=int, default=0, help="seed of the random order")
+    _eval_args(j, labels=False)
+    cu = sub.add_parser("curve", help="learning curve: train on nested subsets, evaluate each")
+    cu.add_argument("config")
+    cu.add_argument("--fractions", default="0.1,0.25,0.5,1")
+    cu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cu.add_argument("--metric", default=None, help="metric to plot (default accuracy / f1)")
+    _eval_args(cu)
+
+
+def _eval_sampling(a, labels=None):
+    s = _sampling(a)
+    if a.max_new_tokens is None:
+        s.max_new_tokens = 32 if labels else 256
+    return s
+
+
+def _dispatch_eval(a) -> None:
+    import tunelab
+
+    common = {"limit": a.limit, "out": a.out, "batch_size": a.batch_size}
+    if a.command == "eval":
+        r = tunelab.evaluate(a.model, a.data, metrics=a.metrics, labels=a.labels, task=a.task,
+                             num_fewshot=a.num_fewshot, sampling=_eval_sampling(a, a.labels), dtype=a.dtype,
+                             system_prompt=a.system, **common)
+        shown = {k: v for k, v in r.metrics["metrics"].items() if isinstance(v, (int, float))}
+    elif a.command == "compare":
+        r = tunelab.compare(a.a, a.b, a.data, metrics=a.metrics, labels=a.labels, sampling=_eval_sampling(a, a.labels),
+                            dtype=a.dtype, system_prompt=a.system, **common)
+        shown = {k: f"{v['a']:.4f} -> {v['b']:.4f} (p={v['paired_bootstrap']['p_value']})"
+                 for k, v in r.summary["metrics"].items()}
+    elif a.command == "judge":
+        r = tunelab.judge(a.models, a.data, judge=a.judge, seed=a.judge_seed, sampling=_eval_sampling(a), dtype=a.dtype,
+                          system_prompt=a.system, **common)
+        shown = {m: f"Elo {v['rating']} {v['ci95']}" for m, v in r.ratings["elo"].items()}
+    else:
+        r = tunelab.learning_curve(a.config, a.data, [float(f) for f in a.fractions.split(",")], overrides=a.set,
+                                   metrics=a.metrics, labels=a.labels, metric=a.metric,
+                                   sampling=_eval_sampling(a, a.labels), **common)
+        shown = {f"{p['examples']} examples": f"{r.metric} {p['value']:.4f}" for p in r.points}
+    for k, v in shown.items():
+        print(f"{k:24} {v}")
+    print(f"wrote {r.out_dir}")
 
 
 def main(argv=None) -> int:
@@ -128,6 +199,8 @@ def _dispatch(a) -> int | None:
     elif a.command == "export":
         out = tunelab.export(a.model, format=a.format, out=a.out, dtype=a.dtype)
         print(f"wrote {out}")
+    elif a.command in ("eval", "compare", "judge", "curve"):
+        _dispatch_eval(a)
     elif a.command == "models":
         from tunelab.models import ALIASES, named_templates
 

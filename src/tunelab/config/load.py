@@ -126,6 +126,12 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"train.{key}={getattr(t, key)} must be >= 0")
     _positive(p, "train.log_every_n_steps", t.log_every_n_steps)
     _positive(p, "train.keep_checkpoints", t.keep_checkpoints)
+    if cfg.eval.every_n_steps < 0 or (cfg.eval.limit is not None and cfg.eval.limit < 1):
+        p.append("eval.every_n_steps must be >= 0 and eval.limit >= 1 or null")
+    from tunelab.evaluation.metrics import METRICS
+
+    for name in cfg.eval.metrics:
+        _one_of(p, "eval.metrics", name, METRICS)
     if t.threads is not None:
         _positive(p, "train.threads", t.threads)
     if cfg.method == "full" and t.learning_rate > 1e-3:
@@ -142,6 +148,9 @@ def _resolve_data_paths(cfg: RunConfig, config_dir: Path) -> None:
             beside = config_dir / value
             if beside.exists():
                 setattr(cfg.data, key, str(beside))
+    e = cfg.eval.data
+    if e and not Path(e).is_absolute() and not Path(e).exists() and (config_dir / e).exists():
+        cfg.eval.data = str(config_dir / e)
 
 
 # --- building dataclasses from dicts -------------------------------------------------------

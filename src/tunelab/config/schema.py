@@ -108,6 +108,24 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generation evaluation during training (answers scored like `tunelab eval`), logged to metrics.jsonl."""
+    data: str | None = None
+    """Test file (any training format; the answer is the reference). None: no generation evaluation."""
+    every_n_steps: int = 0
+    """Generate and score every N steps (0 = only after training, when `data` is set)."""
+    metrics: list[str] = field(default_factory=list)
+    """exact_match, f1, rouge_l, bleu. Empty: all of them (or the label metrics when `labels` is set)."""
+    labels: list[str] = field(default_factory=list)
+    """A label set (e.g. [positive, negative]): score as a label task (accuracy, macro-F1)."""
+    limit: int | None = 50
+    """Score the first N items only (generation is slow on a CPU); None = all."""
+    max_new_tokens: int = 64
+    """Answer length cap for these evaluations."""
+    batch_size: int = 8
+
+
+@dataclass
 class RunConfig:
     name: str | None = None
     """Run name; the run directory is `<output_dir>/<name>-<timestamp>`. None: the config file's name."""
@@ -122,6 +140,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def uses_adapter(self) -> bool:

@@ -224,6 +224,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                     if v is not None and is_main:
                         append_metrics(run_dir, _val_record(step, v))
                         progress.console.print(f"step {step}: validation loss {v:.4f}")
+                if is_main and cfg.eval.data and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 \
+                        and step < total_steps:
+                    _generation_eval(run_dir, accelerator.unwrap_model(model), tokenizer, cfg, step, state, autocast)
                 if cfg.train.save_every_n_steps and step % cfg.train.save_every_n_steps == 0 and step < total_steps:
                     _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator)
     except KeyboardInterrupt:
@@ -242,6 +245,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
             append_metrics(run_dir, _val_record(state["step"], val_after))
             info(f"validation loss after training: {val_after:.4f}"
                  + (f" (before: {val_before:.4f})" if val_before is not None else ""))
+        if cfg.eval.data:
+            _generation_eval(run_dir, accelerator.unwrap_model(model), tokenizer, cfg, state["step"], state, autocast)
         from tunelab.runs import atomic_dir
 
         with atomic_dir(final_dir) as tmp:
@@ -298,6 +303,19 @@ def validation_loss(model, items, micro_batch_size: int, packing: bool, pad_id: 
         total, count = _sum_over_processes(accelerator, total), int(_sum_over_processes(accelerator, count))
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _generation_eval(run_dir, model, tokenizer, cfg, step: int, state: dict, autocast) -> None:
+    """Answers to `eval.data` scored like `tunelab eval`: one `eval_*` line in metrics.jsonl."""
+    from tunelab.evaluation.runner import training_eval
+
+    t0 = time.time()
+    with autocast:
+        record = training_eval(model, tokenizer, cfg.eval, step)
+    state["eval_s"] = state.get("eval_s", 0.0) + time.time() - t0  # kept out of training tokens/s
+    append_metrics(run_dir, record)
+    info(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items()
+                                      if k.startswith("eval_") and k != "eval_n" and v is not None))
 
 
 def _sum_over_processes(accelerator, value: float) -> float:
