@@ -271,12 +271,15 @@ def test_judge_human_and_model(tiny_model_dir, sentiment_file, tmp_path):
     assert "Which answer is better" in (tmp_path / "j2" / "report.md").read_text()
 
 
-def test_task_without_mc_module_is_a_clear_error(tiny_model_dir, sentiment_file, monkeypatch):
+def test_task_through_evaluate_scores_every_item(tiny_model_dir, tmp_path):
     from tunelab.evaluation import evaluate
 
-    monkeypatch.setitem(sys.modules, "tunelab.evaluation.mc", None)  # as if the module were missing
-    with pytest.raises(TunelabError, match="multiple-choice tasks"):
-        evaluate(str(tiny_model_dir), sentiment_file, task="hellaswag", write=False)
+    data = Path(__file__).parent / "assets" / "mc" / "arc_easy_llmfoundry_20.jsonl"
+    r = evaluate(str(tiny_model_dir), data, task="arc_easy", limit=6, out=tmp_path / "arc")
+    assert r.metrics["kind"] == "task" and r.metrics["num_fewshot"] == 0
+    assert len(r.predictions) == 6 and set(r.item_scores) == {"acc", "acc_norm"}
+    assert r.metrics["metrics"]["acc"] == pytest.approx(sum(r.item_scores["acc"]) / 6)
+    assert (tmp_path / "arc" / "metrics.json").exists()
 
 
 def test_generation_eval_during_training(tiny_config, sentiment_file):
