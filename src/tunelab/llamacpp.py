@@ -162,3 +162,27 @@ def generate_tokens(llm, ids: list[int], n: int) -> list[int]:
         if len(out) >= n:
             break
     return out
+
+
+def use_llamacpp(model_ref: str, engine: str = "auto") -> bool:
+    """Which engine answers: `auto` picks llama.cpp for a .gguf path, transformers otherwise.
+
+    (The alias smollm2-135m-instruct ships as a .gguf but stays on transformers under `auto`, as
+    training and evaluation use it; pass engine="llamacpp" to chat with the shipped file.)
+    """
+    if engine not in ("auto", "transformers", "llamacpp"):
+        raise ModelError(f"--engine {engine!r}: use auto, transformers or llamacpp")
+    if engine == "auto":
+        return str(model_ref).endswith(".gguf")
+    return engine == "llamacpp"
+
+
+def gguf_path(model_ref: str) -> Path:
+    """The .gguf file of a reference, for the llama.cpp engine."""
+    from tunelab.models.resolve import resolve_model
+
+    source = resolve_model(model_ref)
+    if source.kind == "gguf":
+        return source.path / source.gguf_file
+    raise ModelError(f"model {model_ref}: the llama.cpp engine runs .gguf files; export one first: "
+                     f"tunelab export {model_ref} --format gguf --quant q8_0 --out model.gguf")

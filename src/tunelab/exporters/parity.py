@@ -78,15 +78,19 @@ class ParityReport:
 
 
 def check_export(gguf_path: "str | Path", hf_folder: "str | Path", quant: str, eval_text: str | None = None,
-                 conversations: list | None = None, max_new_tokens: int = 24) -> ParityReport:
-    """Compare a GGUF with the Hugging Face folder it was exported from; raise ParityError if it differs."""
+                 conversations: list | None = None, max_new_tokens: int = 24,
+                 lora: "str | Path | None" = None) -> ParityReport:
+    """Compare a GGUF with the Hugging Face folder it was exported from; raise ParityError if it differs.
+
+    With `lora` (an adapter GGUF), llama.cpp runs gguf_path + the adapter and hf_folder is the merged model.
+    """
     from tunelab import llamacpp
     from tunelab.models import load_model
 
     model, tok = load_model(str(hf_folder), dtype="fp32", device="cpu")
-    llm = llamacpp.load(gguf_path, n_ctx=1024, logits_all=True)
+    llm = llamacpp.load(gguf_path, n_ctx=1024, logits_all=True, lora=lora)
     try:
-        report = ParityReport(quant)
+        report = ParityReport(quant + (" + LoRA adapter" if lora else ""))
         convs = conversations or CHECK_CONVERSATIONS
         prompts = _check_template(report, llm, tok, convs)
         _check_stops(report, llm, tok, model)
