@@ -92,6 +92,9 @@ def convert_hf_folder(folder: Path, out: Path, outtype: str = "f32") -> Path:
 def quantize_gguf(src: Path, dst: Path, quant: str, n_threads: int | None = None) -> Path:
     """llama.cpp's quantizer (llama_model_quantize) on a float GGUF."""
     llama_cpp = require_llama_cpp()
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp would print a line per tensor
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{QUANT_TYPES[quant]}")
     params.nthread = n_threads or 0  # 0: llama.cpp uses the hardware threads
