@@ -24,12 +24,16 @@ import torch
 
 from tunelab.errors import ModelError
 
-# type -> (min top-1 agreement with transformers, max relative perplexity increase)
+# type -> (min top-1 agreement with transformers, max relative perplexity increase). Loose enough
+# for small models, which lose more to quantization (SmolLM2-135M, 155 tokens of HELD_OUT_TEXT:
+# q8_0 98.7% / +0.8%, q6_k 94.2% / -0.3%, q5_k_m 85.8% / +11.9%, q4_k_m 88.4% / +2.4%,
+# q4_0 71.6% / +11.8%), tight enough to catch a broken file (wrong layout or template: agreement
+# near 0, perplexity many times higher).
 QUANT_THRESHOLDS = {
-    "q8_0": (0.95, 0.02), "q6_k": (0.92, 0.04),
-    "q5_k_m": (0.90, 0.06), "q5_k_s": (0.90, 0.06), "q5_0": (0.88, 0.08), "q5_1": (0.88, 0.08),
-    "q4_k_m": (0.85, 0.10), "q4_k_s": (0.82, 0.12), "q4_0": (0.80, 0.15), "q4_1": (0.80, 0.15),
-    "q3_k_l": (0.75, 0.25), "q3_k_m": (0.72, 0.30), "q3_k_s": (0.70, 0.35), "q2_k": (0.55, 1.00),
+    "q8_0": (0.90, 0.05), "q6_k": (0.85, 0.10),
+    "q5_k_m": (0.80, 0.20), "q5_k_s": (0.80, 0.20), "q5_0": (0.80, 0.20), "q5_1": (0.80, 0.20),
+    "q4_k_m": (0.70, 0.30), "q4_k_s": (0.70, 0.30), "q4_0": (0.65, 0.35), "q4_1": (0.65, 0.35),
+    "q3_k_l": (0.55, 0.60), "q3_k_m": (0.55, 0.60), "q3_k_s": (0.50, 0.80), "q2_k": (0.40, 1.50),
 }
 # a float export may pick another token only where transformers' top two logits are this close
 TIE_MARGIN = {"f32": 1e-3, "f16": 2e-2, "bf16": 1.5e-1}
