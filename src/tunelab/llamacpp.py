@@ -13,7 +13,9 @@ One difference: llama.cpp's repetition penalty looks at the last 64 tokens, tran
     for piece in stream_chat(llm, [{"role": "user", "content": "Hi"}]): print(piece, end="")
 """
 
+import atexit
 import threading
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from tunelab.generation import SamplingConfig, _as_messages
 
 def load(path: "str | Path", n_ctx: int = 4096, n_threads: int | None = None, logits_all: bool = False,
          lora: "str | Path | None" = None, lora_scale: float = 1.0, verbose: bool = False):
-    """Load a .gguf with llama.cpp (threads = physical cores; n_ctx capped at the model's context).
+    """Load a .gguf with llama.cpp (threads = physical cores; n_ctx tokens of context, 0 = the model's).
 
     `lora` applies a LoRA adapter GGUF (tunelab export --format gguf-adapter) on top.
     """
@@ -42,11 +44,15 @@ def load(path: "str | Path", n_ctx: int = 4096, n_threads: int | None = None, lo
     except (ValueError, RuntimeError) as e:
         raise ModelError(f"model {path}: llama.cpp could not load it ({e}); is it a complete GGUF model "
                          "file (not an adapter) of an architecture this llama-cpp-python supports?") from None
-    train_ctx = int(llm.metadata.get(f"{llm.metadata.get('general.architecture', '')}.context_length", 0) or 0)
-    if train_ctx and train_ctx < n_ctx:  # a context beyond training only wastes memory
-        llm.close()
-        return load(path, train_ctx, n_threads, logits_all, lora, lora_scale, verbose)
+    # free it before interpreter shutdown: llama-cpp-python's __del__ fails noisily once modules are gone
+    atexit.register(_close, weakref.ref(llm))
     return llm
+
+
+def _close(ref) -> None:
+    llm = ref()
+    if llm is not None:
+        llm.close()
 
 
 _PARAMS_LOCK = threading.Lock()
