@@ -45,6 +45,7 @@ CHECK_CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
      {"role": "user", "content": "Write a haiku about rain."}],
 ]
+RAW_PROMPTS = ["The capital of France is", "Once upon a time,"]
 # held-out text for the quantized check (written for tunelab; any plain prose will do)
 HELD_OUT_TEXT = (
     "The river town woke slowly. Fishermen pushed their boats into the grey water while the baker "
@@ -98,6 +99,8 @@ def check_export(gguf_path: "str | Path", hf_folder: "str | Path", quant: str, e
         convs = conversations or CHECK_CONVERSATIONS
         prompts = _check_template(report, llm, tok, convs)
         _check_stops(report, llm, tok, model)
+        if prompts is None and report.ok:  # no chat template (a base model): plain text prompts
+            prompts = [tok(t, add_special_tokens=True)["input_ids"] for t in RAW_PROMPTS]
         if prompts is not None and quant in TIE_MARGIN:
             _check_greedy(report, llm, tok, model, prompts, TIE_MARGIN[quant], max_new_tokens)
         _check_heldout(report, llm, tok, model, quant, eval_text or HELD_OUT_TEXT)
