@@ -148,7 +148,7 @@ def test_merged_export_matches_base_plus_adapter(tiny_config, tmp_path):
 
 def test_planned_export_formats_say_so(tiny_config):
     with pytest.raises(tunelab.TunelabError, match="not available in this version"):
-        tunelab.export("whatever", format="gguf")
+        tunelab.export("whatever", format="ollama")
 
 
 def test_compiled_training_matches_eager(tiny_config):

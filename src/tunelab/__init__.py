@@ -23,6 +23,7 @@ _API = {
     "SamplingConfig": "tunelab.generation",
     "chat_loop": "tunelab.chat",
     "export": "tunelab.exporters",
+    "quantize": "tunelab.quantization", "quantize_report": "tunelab.quantization",
     "inspect_data": "tunelab.data.inspect",
     "quickstart": "tunelab.recipes.quickstart",
     "evaluate": "tunelab.evaluation", "compare": "tunelab.evaluation", "judge": "tunelab.evaluation",

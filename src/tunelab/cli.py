@@ -15,6 +15,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--quantization", default=None, help="nf4 | fp4 | int8: load the weights quantized (bitsandbytes)")
+    p.add_argument("--engine", default="auto", choices=["auto", "transformers", "llamacpp"],
+                   help="auto: llama.cpp for a .gguf, transformers otherwise")
+    p.add_argument("--lora", default=None, help="a LoRA adapter .gguf to apply (llama.cpp engine)")
 
 
 def _sampling(a):
@@ -72,11 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8)
     _sampling_args(g)
 
-    e = sub.add_parser("export", help="export a run (merged Hugging Face folder)")
+    e = sub.add_parser("export", help="export a run: merged Hugging Face folder, GGUF, LoRA adapter GGUF")
     e.add_argument("model")
-    e.add_argument("--format", default="merged")
+    e.add_argument("--format", default="merged", help="merged | gguf | gguf-adapter")
     e.add_argument("--out", default=None)
     e.add_argument("--dtype", default="fp32")
+    e.add_argument("--quant", default="q4_k_m", help="gguf type: f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0 ...")
+    e.add_argument("--no-check", action="store_true", help="skip the llama.cpp parity check (not recommended)")
+
+    qz = sub.add_parser("quantize", help="quantize a model (bitsandbytes int8/nf4/fp4 or GGUF) and compare types")
+    qz.add_argument("model")
+    qz.add_argument("--to", default=None, help="int8 | nf4 | fp4 | f16 | q8_0 | q4_k_m | ... (with --out: write it)")
+    qz.add_argument("--out", default=None)
+    qz.add_argument("--report", action="store_true", help="table: size, RAM, perplexity, tokens/s per type")
+    qz.add_argument("--types", default=None, help="comma-separated types for --report (default: f32,bf16,int8,nf4,q8_0,q4_k_m)")
+    qz.add_argument("--text", default=None, help="held-out text file for the perplexity column")
 
     sub.add_parser("models", help="list model aliases and named chat templates")
     _eval_parsers(sub)
@@ -191,16 +204,23 @@ def _dispatch(a) -> int | None:
     elif a.command == "chat":
         from tunelab.chat import chat_loop
 
-        chat_loop(a.model, _sampling(a), dtype=a.dtype, system_prompt=a.system, quantization=a.quantization)
+        chat_loop(a.model, _sampling(a), dtype=a.dtype, system_prompt=a.system, engine=a.engine, lora=a.lora,
+                  quantization=a.quantization)
     elif a.command == "generate":
         out = tunelab.generate_file(a.model, a.prompts, a.out, _sampling(a), batch_size=a.batch_size, dtype=a.dtype,
-                                    system_prompt=a.system, quantization=a.quantization)
+                                    system_prompt=a.system, engine=a.engine, lora=a.lora,
+                                    quantization=a.quantization)
         print(f"wrote {out}")
     elif a.command == "export":
-        out = tunelab.export(a.model, format=a.format, out=a.out, dtype=a.dtype)
+        out = tunelab.export(a.model, format=a.format, out=a.out, dtype=a.dtype, quant=a.quant, check=not a.no_check)
         print(f"wrote {out}")
     elif a.command in ("eval", "compare", "judge", "curve"):
         _dispatch_eval(a)
+    elif a.command == "quantize":
+        from tunelab.quantization import quantize
+
+        quantize(a.model, to=a.to, out=a.out, report=a.report, types=a.types.split(",") if a.types else None,
+                 text_file=a.text)
     elif a.command == "models":
         from tunelab.models import ALIASES, named_templates
 

@@ -121,14 +121,26 @@ def read_prompts(path: "str | Path") -> list[dict]:
 
 def generate_file(model_ref: str, prompts_path: "str | Path", out_path: "str | Path",
                   sampling: SamplingConfig | None = None, batch_size: int = 8, dtype: str = "auto",
-                  system_prompt: str | None = None, quantization: str | None = None) -> Path:
-    """Answer every prompt of a JSONL/JSON/CSV file; write one JSON line per prompt (atomically)."""
+                  system_prompt: str | None = None, engine: str = "auto", lora: str | None = None,
+                  quantization: str | None = None) -> Path:
+    """Answer every prompt of a JSONL/JSON/CSV file; write one JSON line per prompt (atomically).
+
+    engine: auto (llama.cpp for a .gguf, else transformers) | transformers | llamacpp;
+    quantization: nf4 | fp4 | int8 loads the weights quantized (transformers engine, bitsandbytes).
+    """
+    from tunelab import llamacpp
     from tunelab.models import load_model
     from tunelab.runs import atomic_write_text
 
     rows = read_prompts(prompts_path)
-    model, tok = load_model(model_ref, dtype=dtype, quantization=quantization)
-    answers = generate(model, tok, [r["messages"] for r in rows], sampling, batch_size, system_prompt, progress=True)
+    if llamacpp.use_llamacpp(model_ref, engine) or lora:
+        llm = llamacpp.load(llamacpp.gguf_path(model_ref), lora=lora)
+        answers = llamacpp.generate(llm, [r["messages"] for r in rows], sampling, system_prompt)
+        llm.close()
+    else:
+        model, tok = load_model(model_ref, dtype=dtype, quantization=quantization)
+        answers = generate(model, tok, [r["messages"] for r in rows], sampling, batch_size, system_prompt,
+                           progress=True)
     lines = []
     for r, a in zip(rows, answers):
         rec = {"source": r["source"], "prompt": r["messages"][-1]["content"], "answer": a}

@@ -1,4 +1,4 @@
-"""Export: merged Hugging Face folders (GGUF and Ollama are planned, see merge.PLANNED)."""
+"""Export: merged Hugging Face folders, GGUF files and LoRA adapter GGUFs for llama.cpp (merge.export dispatches)."""
 
 from tunelab.exporters.merge import export
 

@@ -6,19 +6,22 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.runs import atomic_dir
 
-FORMATS = ("merged",)
-PLANNED = {"gguf": "GGUF for llama.cpp", "gguf-adapter": "a LoRA adapter GGUF for llama.cpp --lora",
-           "ollama": "an Ollama Modelfile folder"}
+FORMATS = ("merged", "gguf", "gguf-adapter")
+PLANNED = {"ollama": "an Ollama Modelfile folder"}
 
 
-def export(model_ref: str, format: str = "merged", out: "str | Path | None" = None, dtype: str = "fp32") -> Path:
+def export(model_ref: str, format: str = "merged", out: "str | Path | None" = None, dtype: str = "fp32",
+           quant: str = "q4_k_m", check: bool = True) -> Path:
     """Export a run (or any model reference) to `out`.
 
     Args:
         model_ref: run directory, its final/ or a checkpoint, or any model reference.
-        format: "merged" (plain Hugging Face folder that transformers loads without peft).
-        out: destination folder (default: <run>/export/merged).
-        dtype: fp32 | bf16 | fp16 for the saved weights.
+        format: "merged" (plain Hugging Face folder that transformers loads without peft),
+            "gguf" (one llama.cpp file, adapter merged) or "gguf-adapter" (llama.cpp --lora file).
+        out: destination (default: <run>/export/merged, <run>/export/model-<quant>.gguf, <run>/export/adapter.gguf).
+        dtype: fp32 | bf16 | fp16 for the saved weights (merged).
+        quant: llama.cpp type for gguf: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... (exporters.gguf).
+        check: for gguf formats, compare the file with the source in llama.cpp and keep it only if it matches.
 
     Returns:
         The folder written. It appears only when complete (written under a temporary name).
@@ -29,6 +32,14 @@ def export(model_ref: str, format: str = "merged", out: "str | Path | None" = No
                            "convert_hf_to_gguf.py")
     if format not in FORMATS:
         raise TunelabError(f"export format {format!r} is unknown; use one of: {', '.join(FORMATS)}")
+    if format == "gguf":
+        from tunelab.exporters.gguf import export_gguf
+
+        return export_gguf(model_ref, out or Path(model_ref) / "export" / f"model-{quant}.gguf", quant, check)
+    if format == "gguf-adapter":
+        from tunelab.exporters.gguf_adapter import export_gguf_adapter
+
+        return export_gguf_adapter(model_ref, out or Path(model_ref) / "export" / "adapter.gguf", check)
     from tunelab.models import load_model
 
     out = Path(out) if out else Path(model_ref) / "export" / "merged"
