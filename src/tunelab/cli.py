@@ -71,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8)
     _sampling_args(g)
 
-    e = sub.add_parser("export", help="export a run (merged Hugging Face folder)")
+    e = sub.add_parser("export", help="export a run (merged Hugging Face folder, ollama)")
     e.add_argument("model")
-    e.add_argument("--format", default="merged")
+    e.add_argument("--format", default="merged", help="merged | ollama")
     e.add_argument("--out", default=None)
     e.add_argument("--dtype", default="fp32")
+    e.add_argument("--quant", default="q4_k_m", help="GGUF type for --format ollama (q4_k_m, q8_0, f16, ...)")
 
     sub.add_parser("models", help="list model aliases and named chat templates")
     return p
@@ -125,8 +126,12 @@ def _dispatch(a) -> int | None:
                                     system_prompt=a.system)
         print(f"wrote {out}")
     elif a.command == "export":
-        out = tunelab.export(a.model, format=a.format, out=a.out, dtype=a.dtype)
+        out = tunelab.export(a.model, format=a.format, out=a.out, dtype=a.dtype, quant=a.quant)
         print(f"wrote {out}")
+        if a.format == "ollama":
+            from tunelab.exporters.ollama import ollama_command
+
+            print(f"register it with Ollama:\n  {ollama_command(out)}")
     elif a.command == "models":
         from tunelab.models import ALIASES, named_templates
 

@@ -1,4 +1,4 @@
-"""Export: merged Hugging Face folders (GGUF and Ollama are planned, see merge.PLANNED)."""
+"""Export: merged Hugging Face folders and Ollama folders (GGUF is planned, see merge.PLANNED)."""
 
 from tunelab.exporters.merge import export
 

@@ -191,8 +191,16 @@ def _stops(shape: _Shape, bos_token: str, eos_token: str, special_tokens) -> lis
     writing the user's next turn."""
     specials = sorted(set(special_tokens or ()), key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(t) for t in specials)) if specials else _SPECIAL
-    found = [m.group(0) for m in pattern.finditer(shape.assistant_to_user)]
-    found = [t for t in found if t not in (bos_token, eos_token)][:2]
+    matches = list(pattern.finditer(shape.assistant_to_user))
+    found = []
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        # BOS repeated before a turn opener (Llama-2's "</s><s>[INST]") is no stop; a BOS that opens the
+        # turn itself (SmolLM2's bos is "<|im_start|>") is
+        if m.group(0) == bos_token and nxt is not None and nxt.start() == m.end():
+            continue
+        if m.group(0) != eos_token:
+            found.append(m.group(0))
+    found = found[:2]
     stops = found + ([eos_token] if eos_token else [])
     return [t for i, t in enumerate(stops) if t not in stops[:i]]
 

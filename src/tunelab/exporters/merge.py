@@ -6,19 +6,21 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.runs import atomic_dir
 
-FORMATS = ("merged",)
-PLANNED = {"gguf": "GGUF for llama.cpp", "gguf-adapter": "a LoRA adapter GGUF for llama.cpp --lora",
-           "ollama": "an Ollama Modelfile folder"}
+FORMATS = ("merged", "ollama")
+PLANNED = {"gguf": "GGUF for llama.cpp", "gguf-adapter": "a LoRA adapter GGUF for llama.cpp --lora"}
 
 
-def export(model_ref: str, format: str = "merged", out: "str | Path | None" = None, dtype: str = "fp32") -> Path:
+def export(model_ref: str, format: str = "merged", out: "str | Path | None" = None, dtype: str = "fp32",
+           quant: str = "q4_k_m") -> Path:
     """Export a run (or any model reference) to `out`.
 
     Args:
         model_ref: run directory, its final/ or a checkpoint, or any model reference.
-        format: "merged" (plain Hugging Face folder that transformers loads without peft).
+        format: "merged" (plain Hugging Face folder that transformers loads without peft) or "ollama"
+            (a folder with the GGUF and a Modelfile, see exporters/ollama.py).
         out: destination folder (default: <run>/export/merged).
-        dtype: fp32 | bf16 | fp16 for the saved weights.
+        dtype: fp32 | bf16 | fp16 for the saved weights (merged).
+        quant: GGUF type for ollama (q4_k_m, q8_0, f16, ...).
 
     Returns:
         The folder written. It appears only when complete (written under a temporary name).
@@ -29,6 +31,10 @@ def export(model_ref: str, format: str = "merged", out: "str | Path | None" = No
                            "convert_hf_to_gguf.py")
     if format not in FORMATS:
         raise TunelabError(f"export format {format!r} is unknown; use one of: {', '.join(FORMATS)}")
+    if format == "ollama":
+        from tunelab.exporters.ollama import export_ollama
+
+        return export_ollama(model_ref, Path(out) if out else Path(model_ref) / "export" / "ollama", quant=quant)
     from tunelab.models import load_model
 
     out = Path(out) if out else Path(model_ref) / "export" / "merged"
