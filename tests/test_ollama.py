@@ -158,3 +158,133 @@ def test_trimming_template_is_noted():
 def test_untranslatable_templates_fail_clearly(source, match):
     with pytest.raises(ModelError, match=match):
         translate(source, "<s>", "</s>")
+
+
+# --- export_ollama ---------------------------------------------------------------------------
+# Until the GGUF exporter lands, export_gguf is replaced by a stand-in that writes a dummy file
+# (test_export_ollama_real_gguf below runs the real one when it is there).
+
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import tunelab  # noqa: E402
+from tunelab.cli import main  # noqa: E402
+from tunelab.exporters.ollama import export_ollama, model_name, ollama_command  # noqa: E402
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch):
+    calls = []
+
+    def export_gguf(model_ref, out, quant="q4_k_m", check=True):
+        calls.append((str(model_ref), Path(out), quant, check))
+        Path(out).write_bytes(b"GGUF-dummy")
+        return Path(out)
+
+    module = types.ModuleType("tunelab.exporters.gguf")
+    module.export_gguf = export_gguf
+    monkeypatch.setitem(sys.modules, "tunelab.exporters.gguf", module)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step LoRA run on the tiny model, with a system prompt in its data config."""
+    from conftest import SENTIMENT_ROWS, make_tiny_model, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("ollama_run")
+    model = make_tiny_model(tmp / "model")
+    data = write_jsonl(tmp / "data.jsonl", SENTIMENT_ROWS)
+    cfg = {"name": "Tiny Sentiment", "output_dir": str(tmp / "runs"), "seed": 0,
+           "model": {"ref": str(model), "dtype": "fp32"},
+           "data": {"train": str(data), "val_fraction": 0.0, "max_seq_len": 64, "system_prompt": SYSTEM},
+           "lora": {"rank": 2, "alpha": 4, "dropout": 0.0},
+           "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum_steps": 1, "learning_rate": 1e-2,
+                     "eval_every_n_steps": 0, "save_every_n_steps": 0, "warmup_steps": 0}}
+    return tunelab.train(cfg, quiet=True).run_dir
+
+
+def modelfile_parts(text: str) -> dict:
+    """TEMPLATE / SYSTEM / LICENSE bodies, FROM and the stop list of a Modelfile we wrote."""
+    def body(keyword):
+        start = text.find(f'\n{keyword} """')
+        if start < 0:
+            return None
+        start += len(keyword) + 5
+        return text[start:text.index('"""', start)]
+    lines = text.splitlines()
+    return {"from": [ln for ln in lines if ln.startswith("FROM ")], "template": body("TEMPLATE"),
+            "system": body("SYSTEM"), "license": body("LICENSE"),
+            "stop": [ln.split(" ", 2)[2].strip('"') for ln in lines if ln.startswith("PARAMETER stop ")]}
+
+
+def test_export_ollama_writes_gguf_and_modelfile(tiny_run, tmp_path, fake_gguf, gorender):
+    out = export_ollama(str(tiny_run), tmp_path / "ollama", quant="q8_0")
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf", "tunelab_ollama.json"]
+    assert fake_gguf == [(str(tiny_run), fake_gguf[0][1], "q8_0", True)]
+    assert fake_gguf[0][1].name == "model.gguf" and fake_gguf[0][1].parent != out  # written in the temp folder
+    parts = modelfile_parts((out / "Modelfile").read_text())
+    assert parts["from"] == ["FROM ./model.gguf"]
+    assert parts["system"] == SYSTEM
+    assert parts["stop"] == ["<|im_start|>", "<|im_end|>"]
+    info = json.loads((out / "tunelab_ollama.json").read_text())
+    assert info["family"] == "chatml" and info["name"] == "tiny-sentiment"
+    assert ollama_command(out) == f"ollama create tiny-sentiment -f {out / 'Modelfile'}"
+    # the TEMPLATE in the file, run by Go as Ollama runs it with the Modelfile's SYSTEM, gives the
+    # exact text the run trained on (the tokenizer's own chat template with the run's system prompt)
+    from tunelab.models import load_tokenizer
+
+    tok = load_tokenizer(ASSETS / "smollm2_tokenizer")
+    msgs = conv(3, False)
+    [text] = gorender([{"template": parts["template"], "messages": msgs, "system": parts["system"]}])
+    assert text == tok.apply_chat_template(conv(3, True), tokenize=False, add_generation_prompt=True)
+
+
+def test_export_ollama_is_atomic(tiny_run, tmp_path, fake_gguf, monkeypatch):
+    def broken(model_ref, out, quant="q4_k_m", check=True):
+        Path(out).write_bytes(b"half")
+        raise ModelError("parity check failed")
+
+    monkeypatch.setattr(sys.modules["tunelab.exporters.gguf"], "export_gguf", broken)
+    (tmp_path / "ollama").mkdir()
+    (tmp_path / "ollama" / "Modelfile").write_text("old\n")
+    with pytest.raises(ModelError, match="parity"):
+        export_ollama(str(tiny_run), tmp_path / "ollama")
+    assert [p.name for p in tmp_path.iterdir()] == ["ollama"]  # no temp folder left behind
+    assert (tmp_path / "ollama" / "Modelfile").read_text() == "old\n"  # the previous export is intact
+
+
+def test_export_ollama_refuses_an_untranslatable_template_before_converting(tiny_model_dir, tmp_path, fake_gguf):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content | upper }}{% endfor %}")
+    with pytest.raises(ModelError, match="Ollama template"):
+        export_ollama(str(model), tmp_path / "ollama")
+    assert fake_gguf == [] and not (tmp_path / "ollama").exists()
+
+
+def test_export_ollama_from_the_cli(tiny_run, tmp_path, fake_gguf, capsys):
+    out = tmp_path / "ollama"
+    assert main(["export", str(tiny_run), "--format", "ollama", "--quant", "f16", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"ollama create tiny-sentiment -f {out / 'Modelfile'}" in shown
+    assert fake_gguf[0][2] == "f16" and (out / "model.gguf").is_file()
+
+
+def test_model_names():
+    assert model_name("runs/My Run-20260101-120000/final") == "my-run-20260101-120000"
+    assert model_name("runs/r1/checkpoint-8") == "r1-checkpoint-8"
+    assert model_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert model_name("/models/Foo.gguf") == "foo"
+
+
+def test_modelfile_quotes_are_safe():
+    from tunelab.exporters.go_template import translate
+    from tunelab.exporters.ollama import render_modelfile
+
+    tpl = translate(load_template("smollm2"), "<|im_start|>", "<|im_end|>")
+    assert '"""' not in tpl.template
+    text = render_modelfile(tpl, system_prompt='Say "yes".', license_text="MIT")
+    assert modelfile_parts(text)["system"] == 'Say "yes".' and modelfile_parts(text)["license"] == "MIT"
+    with pytest.raises(tunelab.TunelabError, match='"""'):
+        render_modelfile(tpl, system_prompt='a """ b')

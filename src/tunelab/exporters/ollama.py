@@ -26,18 +26,19 @@ def export_ollama(model_ref: str, out_dir: "str | Path", quant: str = "q4_k_m", 
         model_ref: run directory (adapters are merged), Hugging Face folder, alias, .gguf or hub id.
         out_dir: the folder to write; it appears only when complete.
         quant: GGUF type (q4_k_m, q8_0, f16, ...), see tunelab.exporters.gguf.
-        name: the Ollama model name for the `ollama create` command (default: from model_ref).
+        name: the Ollama model name for the `ollama create` command (default: the run's name, else
+            from model_ref).
         check: run the GGUF parity check (recommended).
 
     Returns:
         out_dir. `ollama_command(out_dir)` gives the `ollama create` line (also in tunelab_ollama.json).
     """
     out_dir = Path(out_dir)
-    tok, system_prompt, license_text = _model_info(model_ref)
+    tok, system_prompt, license_text, run_name = _model_info(model_ref)
     # translate (and check) the template before the slow GGUF export: a template we cannot carry
     # fails the export up front instead of producing a model that never stops
     tpl = translate_tokenizer(tok)
-    name = model_name(name or model_ref)
+    name = model_name(name or run_name or model_ref)
     modelfile = render_modelfile(tpl, system_prompt=system_prompt, license_text=license_text,
                                  header=f"tunelab export of {model_ref} ({tpl.family} chat template, GGUF {quant})")
     from tunelab.exporters.gguf import export_gguf  # llama.cpp is an optional dependency
@@ -97,12 +98,12 @@ def render_modelfile(tpl: OllamaTemplate, system_prompt: str | None = None, lice
 
 
 def _model_info(model_ref: str):
-    """(tokenizer, the run's system prompt, the license text or name we can find) without loading weights."""
+    """(tokenizer, the run's system prompt, the license we can find, the run's name), no weights loaded."""
     from tunelab.models.load import load_tokenizer, local_folder, run_model_dir, run_root
     from tunelab.models.resolve import resolve_model
 
     source = resolve_model(model_ref)
-    system_prompt, chat_template, base_ref = None, None, str(model_ref)
+    system_prompt, chat_template, base_ref, run_name = None, None, str(model_ref), None
     if source.kind == "run":
         from tunelab.config import load_config
 
@@ -110,6 +111,7 @@ def _model_info(model_ref: str):
         cfg = load_config(root / "config.yaml") if root else None
         if cfg is not None:
             system_prompt, chat_template, base_ref = cfg.data.system_prompt, cfg.model.chat_template, cfg.model.ref
+            run_name = cfg.name
         if (weights / "tokenizer_config.json").is_file():
             folder = weights
         elif cfg is not None:
@@ -120,7 +122,7 @@ def _model_info(model_ref: str):
     else:
         folder = base_folder = local_folder(source)
     tok = load_tokenizer(folder, chat_template)
-    return tok, system_prompt, _license(base_folder, base_ref)
+    return tok, system_prompt, _license(base_folder, base_ref), run_name
 
 
 def _license(folder: Path, base_ref: str) -> str | None:
