@@ -288,3 +288,29 @@ def test_modelfile_quotes_are_safe():
     assert modelfile_parts(text)["system"] == 'Say "yes".' and modelfile_parts(text)["license"] == "MIT"
     with pytest.raises(tunelab.TunelabError, match='"""'):
         render_modelfile(tpl, system_prompt='a """ b')
+
+
+def test_export_ollama_real_gguf(tiny_run, tmp_path, gorender):
+    """The real GGUF exporter (llama.cpp converter + parity check) under the Modelfile: the GGUF carries
+    the same chat template, and every stop string is one token of the GGUF's vocabulary."""
+    pytest.importorskip("llama_cpp")
+    try:
+        import tunelab.exporters.gguf  # noqa: F401
+    except ImportError:
+        pytest.skip("the GGUF exporter is not on this branch yet")
+    import gguf
+
+    out = export_ollama(str(tiny_run), tmp_path / "ollama", quant="f16")
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+
+    def field(key):
+        f = reader.fields[key]
+        return [bytes(f.parts[i]).decode() for i in f.data]
+
+    vocab = set(field("tokenizer.ggml.tokens"))
+    parts = modelfile_parts((out / "Modelfile").read_text())
+    assert parts["stop"] and all(stop in vocab for stop in parts["stop"])
+    from tunelab.models import load_tokenizer
+
+    tok = load_tokenizer(ASSETS / "smollm2_tokenizer")
+    assert field("tokenizer.chat_template") == [tok.chat_template]
