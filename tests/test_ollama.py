@@ -143,6 +143,11 @@ def test_stop_tokens_are_end_of_turn_markers():
     assert gemma.stop == ["<end_of_turn>", "<start_of_turn>", "<eos>"]
 
 
+def test_dated_template_is_noted():
+    tpl = translate(load_template("meta-llama-Llama-3.2-3B-Instruct.jinja"), "<|begin_of_text|>", "<|eot_id|>")
+    assert any("today's date" in n for n in tpl.notes)
+
+
 def test_trimming_template_is_noted():
     assert any("trims" in n for n in translate(load_template("chatml.jinja"), "<s>", "</s>").notes)
     assert not translate(load_template("smollm2"), "<|im_start|>", "<|im_end|>").notes

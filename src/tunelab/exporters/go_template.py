@@ -23,6 +23,7 @@ one ending with an assistant message is continued (Ollama's prefill), with no en
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 
 from tunelab.errors import ModelError
@@ -243,6 +244,10 @@ def translate(chat_template: str, bos_token: str = "", eos_token: str = "", spec
     if shape.system == "unsupported":
         notes.append("the Jinja template rejects system messages; the Ollama template puts a system prompt "
                      "at the start of the first user turn")
+    today = time.strftime("%d %b %Y")
+    if today in shape.header + shape.sys_header:  # Llama-3.1's "Today Date: ..." from strftime_now
+        notes.append(f"the Jinja template writes today's date into the prompt; the Ollama template keeps the "
+                     f"export date ({today})")
     try:
         padded = [{"role": "user", "content": " " + U1 + " "}]
         if render(padded, True) != render(_conv(U1), True).replace(U1, " " + U1 + " "):
@@ -255,6 +260,9 @@ def translate(chat_template: str, bos_token: str = "", eos_token: str = "", spec
 
 def translate_tokenizer(tok) -> OllamaTemplate:
     """translate() with a Hugging Face tokenizer's template and tokens."""
-    return translate(getattr(tok, "chat_template", None) or "", bos_token=tok.bos_token or "",
+    template = getattr(tok, "chat_template", None) or ""
+    if isinstance(template, dict):  # several named templates: the chat one is "default"
+        template = template.get("default", "")
+    return translate(template, bos_token=tok.bos_token or "",
                      eos_token=tok.eos_token or "", special_tokens=list(getattr(tok, "all_special_tokens", []))
                      + [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special])
