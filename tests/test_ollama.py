@@ -4,6 +4,7 @@ The Go side runs real Go text/template (tests/assets/gorender/main.go, built wit
 filled the way Ollama fills it; the Jinja side is transformers' own renderer."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,10 +70,16 @@ def gorender(tmp_path_factory):
     """Render a batch of cases with real Go text/template; skips if Go is not installed."""
     go = shutil.which("go")
     if go is None:
+        if os.environ.get("TUNELAB_REQUIRE_GO"):
+            pytest.fail("TUNELAB_REQUIRE_GO is set but Go is not installed (apt-get install -y golang-go)")
         pytest.skip("Go is not installed (apt-get install -y golang-go)")
-    out = tmp_path_factory.mktemp("gorender") / "gorender"
+    tmp = tmp_path_factory.mktemp("gorender")
+    env = dict(os.environ)
+    if not env.get("HOME") and not env.get("GOCACHE"):
+        env["GOCACHE"] = str(tmp / "cache")  # go needs a build cache; CI containers may have no HOME
+    out = tmp / "gorender"
     subprocess.run([go, "build", "-o", str(out), str(ASSETS / "gorender" / "main.go")], check=True,
-                   capture_output=True)
+                   capture_output=True, env=env)
 
     def render(cases: list) -> list:
         proc = subprocess.run([str(out)], input=json.dumps(cases), capture_output=True, text=True, check=True)
