@@ -146,9 +146,9 @@ def test_merged_export_matches_base_plus_adapter(tiny_config, tmp_path):
         assert not torch.allclose(base(input_ids=ids).logits, b, atol=1e-4)
 
 
-def test_planned_export_formats_say_so(tiny_config):
-    with pytest.raises(tunelab.TunelabError, match="not available in this version"):
-        tunelab.export("whatever", format="ollama")
+def test_unknown_export_format_names_the_known_ones(tiny_config):
+    with pytest.raises(tunelab.TunelabError, match="unknown; use one of: merged, gguf, gguf-adapter, ollama"):
+        tunelab.export("whatever", format="onnx")
 
 
 def test_compiled_training_matches_eager(tiny_config):

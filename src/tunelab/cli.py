@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8)
     _sampling_args(g)
 
-    e = sub.add_parser("export", help="export a run: merged Hugging Face folder, GGUF, LoRA adapter GGUF")
+    e = sub.add_parser("export", help="export a run: merged Hugging Face folder, GGUF, LoRA adapter GGUF, Ollama folder")
     e.add_argument("model")
-    e.add_argument("--format", default="merged", help="merged | gguf | gguf-adapter")
+    e.add_argument("--format", default="merged", help="merged | gguf | gguf-adapter | ollama")
     e.add_argument("--out", default=None)
     e.add_argument("--dtype", default="fp32")
-    e.add_argument("--quant", default="q4_k_m", help="gguf type: f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0 ...")
+    e.add_argument("--quant", default="q4_k_m", help="GGUF type (gguf, ollama): f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0 ...")
     e.add_argument("--no-check", action="store_true", help="skip the llama.cpp parity check (not recommended)")
 
     qz = sub.add_parser("quantize", help="quantize a model (bitsandbytes int8/nf4/fp4 or GGUF) and compare types")
@@ -214,6 +214,10 @@ def _dispatch(a) -> int | None:
     elif a.command == "export":
         out = tunelab.export(a.model, format=a.format, out=a.out, dtype=a.dtype, quant=a.quant, check=not a.no_check)
         print(f"wrote {out}")
+        if a.format == "ollama":
+            from tunelab.exporters.ollama import ollama_command
+
+            print(f"register it with Ollama:\n  {ollama_command(out)}")
     elif a.command in ("eval", "compare", "judge", "curve"):
         _dispatch_eval(a)
     elif a.command == "quantize":

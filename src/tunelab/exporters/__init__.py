@@ -1,4 +1,5 @@
-"""Export: merged Hugging Face folders, GGUF files and LoRA adapter GGUFs for llama.cpp (merge.export dispatches)."""
+"""Export: merged Hugging Face folders, GGUF files, LoRA adapter GGUFs for llama.cpp and Ollama folders
+(merge.export dispatches)."""
 
 from tunelab.exporters.merge import export
 

@@ -6,8 +6,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.runs import atomic_dir
 
-FORMATS = ("merged", "gguf", "gguf-adapter")
-PLANNED = {"ollama": "an Ollama Modelfile folder"}
+FORMATS = ("merged", "gguf", "gguf-adapter", "ollama")
 
 
 def export(model_ref: str, format: str = "merged", out: "str | Path | None" = None, dtype: str = "fp32",
@@ -17,19 +16,17 @@ def export(model_ref: str, format: str = "merged", out: "str | Path | None" = No
     Args:
         model_ref: run directory, its final/ or a checkpoint, or any model reference.
         format: "merged" (plain Hugging Face folder that transformers loads without peft),
-            "gguf" (one llama.cpp file, adapter merged) or "gguf-adapter" (llama.cpp --lora file).
-        out: destination (default: <run>/export/merged, <run>/export/model-<quant>.gguf, <run>/export/adapter.gguf).
+            "gguf" (one llama.cpp file, adapter merged), "gguf-adapter" (llama.cpp --lora file) or
+            "ollama" (a folder with the GGUF and a Modelfile, see exporters/ollama.py).
+        out: destination (default: <run>/export/merged, <run>/export/model-<quant>.gguf,
+            <run>/export/adapter.gguf, <run>/export/ollama).
         dtype: fp32 | bf16 | fp16 for the saved weights (merged).
-        quant: llama.cpp type for gguf: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... (exporters.gguf).
+        quant: llama.cpp type for gguf and ollama: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... (exporters.gguf).
         check: for gguf formats, compare the file with the source in llama.cpp and keep it only if it matches.
 
     Returns:
         The folder written. It appears only when complete (written under a temporary name).
     """
-    if format in PLANNED:
-        raise TunelabError(f"export format {format!r} ({PLANNED[format]}) is not available in this version of "
-                           "tunelab yet; export --format merged and convert that folder with llama.cpp's "
-                           "convert_hf_to_gguf.py")
     if format not in FORMATS:
         raise TunelabError(f"export format {format!r} is unknown; use one of: {', '.join(FORMATS)}")
     if format == "gguf":
@@ -40,6 +37,11 @@ def export(model_ref: str, format: str = "merged", out: "str | Path | None" = No
         from tunelab.exporters.gguf_adapter import export_gguf_adapter
 
         return export_gguf_adapter(model_ref, out or Path(model_ref) / "export" / "adapter.gguf", check)
+    if format == "ollama":
+        from tunelab.exporters.ollama import export_ollama
+
+        return export_ollama(model_ref, Path(out) if out else Path(model_ref) / "export" / "ollama", quant=quant,
+                             check=check)
     from tunelab.models import load_model
 
     out = Path(out) if out else Path(model_ref) / "export" / "merged"
