@@ -25,6 +25,7 @@ _API = {
     "export": "tunelab.exporters",
     "inspect_data": "tunelab.data.inspect",
     "quickstart": "tunelab.recipes.quickstart",
+    "serve": "tunelab.serving",
     "TunelabError": "tunelab.errors", "ConfigError": "tunelab.errors", "DataError": "tunelab.errors",
     "ModelError": "tunelab.errors", "RunError": "tunelab.errors",
 }

@@ -66,6 +66,7 @@ class TransformersEngine:
     """A transformers model (optionally with LoRA adapters) decoded in dynamic batches."""
 
     supports_logprobs = True
+    max_batch = None  # no engine-side limit
 
     def __init__(self, model_ref: str, adapters: dict[str, str] | None = None, dtype: str = "auto",
                  name: str | None = None):
