@@ -119,6 +119,9 @@ def create_app(engine, batcher: Batcher, api_key: str | None = None, limits: Lim
         return wanted
 
     def samplings(req, max_new: int) -> list[SamplingConfig]:
+        max_n = getattr(engine, "max_n", None)
+        if max_n is not None and req.n > max_n:
+            raise APIError(400, f"this engine returns at most n={max_n} choices per request", param="n")
         extra = req.model_extra or {}
         top_k = extra.get("top_k", 0)
         rep = extra.get("repetition_penalty", 1.0)

@@ -2,7 +2,7 @@
 
 import logging
 
-from tunelab.errors import ConfigError, ModelError
+from tunelab.errors import ConfigError
 
 ENGINES = ("auto", "transformers", "llamacpp")
 
@@ -23,9 +23,6 @@ def make_engine(model_ref: str, adapters: dict[str, str] | None = None, engine: 
     if engine == "llamacpp":
         if adapters:
             raise ConfigError("--adapter needs --engine transformers (the llama.cpp engine serves one .gguf model)")
-        if not is_gguf:
-            raise ModelError(f"model {model_ref}: --engine llamacpp takes a .gguf file; export one first "
-                             "or use --engine transformers")
         from tunelab.serving.llamacpp_engine import LlamaCppEngine
 
         return LlamaCppEngine(model_ref, name=name)
