@@ -19,7 +19,8 @@ class LlamaCppEngine:
     max_batch = 1
     max_n = 1
 
-    def __init__(self, model_ref: str, name: str | None = None, n_ctx: int = 4096, n_threads: int | None = None):
+    def __init__(self, model_ref: str, name: str | None = None, n_ctx: int = 4096, n_threads: int | None = None,
+                 n_batch: int = 512):
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -34,7 +35,8 @@ class LlamaCppEngine:
                              "one); export a GGUF first or use --engine transformers")
         path = src.path / src.gguf_file
         self.tok = _gguf_tokenizer(path)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False, logits_all=False)
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
+                         n_ubatch=n_batch, verbose=False)
         self.name = name or served_name(model_ref)
         self.models = {self.name: None}
         self.context_length = self.llm.n_ctx()
