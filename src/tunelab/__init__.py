@@ -29,6 +29,7 @@ _API = {
     "evaluate": "tunelab.evaluation", "compare": "tunelab.evaluation", "judge": "tunelab.evaluation",
     "learning_curve": "tunelab.evaluation", "EvalResult": "tunelab.evaluation",
     "CompareResult": "tunelab.evaluation", "JudgeResult": "tunelab.evaluation", "CurveResult": "tunelab.evaluation",
+    "serve": "tunelab.serving",
     "TunelabError": "tunelab.errors", "ConfigError": "tunelab.errors", "DataError": "tunelab.errors",
     "ModelError": "tunelab.errors", "RunError": "tunelab.errors",
 }

@@ -91,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--types", default=None, help="comma-separated types for --report (default: f32,bf16,int8,nf4,q8_0,q4_k_m)")
     qz.add_argument("--text", default=None, help="held-out text file for the perplexity column")
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a model, a run or a .gguf")
+    s.add_argument("model")
+    s.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
+                   help="serve a LoRA run on the same base under NAME (repeatable)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require this key (default: env TUNELAB_API_KEY, else none)")
+    s.add_argument("--engine", default="auto", choices=["auto", "transformers", "llamacpp"])
+    s.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1 = one at a time)")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    s.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+
     sub.add_parser("models", help="list model aliases and named chat templates")
     _eval_parsers(sub)
     return p
@@ -225,6 +238,20 @@ def _dispatch(a) -> int | None:
 
         quantize(a.model, to=a.to, out=a.out, report=a.report, types=a.types.split(",") if a.types else None,
                  text_file=a.text)
+    elif a.command == "serve":
+        import os
+
+        from tunelab.errors import ConfigError
+
+        adapters = {}
+        for item in a.adapter or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--adapter {item!r}: write NAME=RUN_DIR, e.g. --adapter stance=runs/stance")
+            adapters[name] = path
+        tunelab.serve(a.model, adapters or None, host=a.host, port=a.port,
+                      api_key=a.api_key or os.environ.get("TUNELAB_API_KEY") or None, engine=a.engine,
+                      dtype=a.dtype, max_batch=a.max_batch, max_queue=a.max_queue, max_tokens=a.max_tokens)
     elif a.command == "models":
         from tunelab.models import ALIASES, named_templates
 

@@ -33,6 +33,12 @@ def _as_messages(prompt, system_prompt: str | None = None) -> list[dict]:
     return msgs
 
 
+def prompt_ids(tokenizer, prompt, system_prompt: str | None = None) -> list[int]:
+    """A prompt (string or chat messages) rendered with the chat template, as token ids."""
+    text = render(tokenizer, _as_messages(prompt, system_prompt), add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _generate_kwargs(tokenizer, model, s: SamplingConfig) -> dict:
     kw = {"max_new_tokens": s.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
           "eos_token_id": sorted(stop_token_ids(tokenizer, model)) or None,
@@ -54,8 +60,7 @@ def generate(model, tokenizer, prompts: list, sampling: SamplingConfig | None = 
     s = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
     if s.seed is not None:
         torch.manual_seed(s.seed)
-    texts = [render(tokenizer, _as_messages(p, system_prompt), add_generation_prompt=True) for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    encoded = [prompt_ids(tokenizer, p, system_prompt) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch well
     answers: list[str | None] = [None] * len(encoded)
     dev = next(model.parameters()).device
@@ -84,9 +89,8 @@ def stream_chat(model, tokenizer, messages: list[dict], sampling: SamplingConfig
     s = sampling or SamplingConfig()
     if s.seed is not None:
         torch.manual_seed(s.seed)
-    text = render(tokenizer, messages, add_generation_prompt=True)
     dev = next(model.parameters()).device
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=dev)
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=dev)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kw = {**_generate_kwargs(tokenizer, model, s), "streamer": streamer}
     worker = threading.Thread(target=lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw))
