@@ -25,6 +25,7 @@ _API = {
     "export": "tunelab.exporters",
     "inspect_data": "tunelab.data.inspect",
     "quickstart": "tunelab.recipes.quickstart",
+    "plan": "tunelab.planning", "PlanResult": "tunelab.planning",
     "TunelabError": "tunelab.errors", "ConfigError": "tunelab.errors", "DataError": "tunelab.errors",
     "ModelError": "tunelab.errors", "RunError": "tunelab.errors",
 }
