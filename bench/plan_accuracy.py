@@ -57,7 +57,7 @@ def worker(spec: dict) -> None:
     cfg = {"name": "plan", "output_dir": spec["out"], "method": spec["method"], "seed": 0,
            "model": {"ref": spec["model"], "dtype": "auto"},
            "data": {"train": spec["data"], "format": "alpaca", "val_fraction": 0, "max_seq_len": spec["seq"]},
-           "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+           "lora": {"rank": 16, "alpha": 32, "dropout": spec.get("dropout", 0.0), "target_modules": "all-linear"},
            "train": {"max_steps": spec["steps"], "micro_batch_size": spec["mbs"], "grad_accum_steps": 1,
                      "learning_rate": 2e-4 if spec["method"] != "full" else 2e-5, "warmup_steps": 0,
                      "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": False,
@@ -108,25 +108,32 @@ def main() -> None:
     if a.only:
         models = {a.only: models[a.only]}
     methods = a.methods.split(",") if a.methods else ["full", "lora"] + (["qlora"] if has_qlora() else [])
+    jobs = [(name, ref, method, seq, a.mbs, {}) for name, ref in models.items() for method in methods
+            for seq in [int(x) for x in a.seqs.split(",")]]
+    if not a.only or a.only == "smollm2":  # held-out settings: not used to calibrate the planner
+        smol = models.get("smollm2", "smollm2-135m-instruct")
+        jobs += [("smollm2", smol, "lora", 512, 4, {"dropout": 0.05}),
+                 ("smollm2", smol, "full", 1024, 2, {"gc": True})]
     rows = []
-    print(f"{'model':8} {'method':6} {'seq':>5} {'mbs':>3} {'predicted MB':>13} {'measured MB':>12} {'error':>7}  s")
-    for name, ref in models.items():
-        for method in methods:
-            for seq in [int(s) for s in a.seqs.split(",")]:
-                spec = {"model": ref, "method": method, "seq": seq, "mbs": a.mbs, "steps": a.steps,
-                        "data": str(data), "out": str(work / "runs")}
-                pred = tunelab.plan(model=ref, method=method, max_seq_len=seq, micro_batch_size=a.mbs,
-                                    devices=[], timing=False)
-                got = measure(spec)
-                row = {"model": name, "method": method, "seq": seq, "mbs": a.mbs,
-                       "predicted_mb": pred.peak_bytes / 2**20, **got}
-                if "error" in got:
-                    print(f"{name:8} {method:6} {seq:5} {a.mbs:3} failed: {got['error'][:100]}")
-                else:
-                    row["error_pct"] = 100 * (row["predicted_mb"] - got["peak_rss_mb"]) / got["peak_rss_mb"]
-                    print(f"{name:8} {method:6} {seq:5} {a.mbs:3} {row['predicted_mb']:13.0f} "
-                          f"{got['peak_rss_mb']:12.0f} {row['error_pct']:+6.1f}%  {got['seconds']:.0f}", flush=True)
-                rows.append(row)
+    print(f"{'model':8} {'method':6} {'seq':>5} {'mbs':>3} {'extra':12} {'predicted MB':>13} {'measured MB':>12} "
+          f"{'error':>7}  s")
+    for name, ref, method, seq, mbs, extra in jobs:
+        spec = {"model": ref, "method": method, "seq": seq, "mbs": mbs, "steps": a.steps,
+                "data": str(data), "out": str(work / "runs"), **extra}
+        pred = tunelab.plan(model=ref, method=method, max_seq_len=seq, micro_batch_size=mbs, grad_accum_steps=1,
+                            gradient_checkpointing=extra.get("gc", False), devices=[], timing=False,
+                            overrides=[f"lora.dropout={extra.get('dropout', 0.0)}"])
+        got = measure(spec)
+        tag = ",".join(f"{k}={v}" for k, v in extra.items())
+        row = {"model": name, "method": method, "seq": seq, "mbs": mbs, "extra": tag,
+               "predicted_mb": pred.peak_bytes / 2**20, **got}
+        if "error" in got:
+            print(f"{name:8} {method:6} {seq:5} {mbs:3} {tag:12} failed: {got['error'][:100]}")
+        else:
+            row["error_pct"] = 100 * (row["predicted_mb"] - got["peak_rss_mb"]) / got["peak_rss_mb"]
+            print(f"{name:8} {method:6} {seq:5} {mbs:3} {tag:12} {row['predicted_mb']:13.0f} "
+                  f"{got['peak_rss_mb']:12.0f} {row['error_pct']:+6.1f}%  {got['seconds']:.0f}", flush=True)
+        rows.append(row)
     errors = [abs(r["error_pct"]) for r in rows if "error_pct" in r]
     if errors:
         print(f"\nworst |error| {max(errors):.1f}%, mean {sum(errors) / len(errors):.1f}% over {len(errors)} rows "

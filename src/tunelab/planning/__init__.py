@@ -255,13 +255,15 @@ def _config(config_or_path, model, overrides):
     from tunelab.config import RunConfig
     from tunelab.config.load import _build, _parse_overrides, _set_dotted, read_yaml
 
-    if config_or_path is None:
-        cfg = RunConfig()
-    elif isinstance(config_or_path, RunConfig):
+    if isinstance(config_or_path, RunConfig) and not overrides:
         cfg = config_or_path
     else:
+        if isinstance(config_or_path, RunConfig):
+            from tunelab.config import config_to_dict
+
+            config_or_path = config_to_dict(config_or_path)
         p = Path(str(config_or_path)) if isinstance(config_or_path, (str, Path)) else None
-        raw = read_yaml(p) if p is not None else dict(config_or_path)
+        raw = read_yaml(p) if p is not None else dict(config_or_path or {})
         problems: list[str] = []
         for key, value in _parse_overrides(overrides, problems):
             _set_dotted(raw, key, value)

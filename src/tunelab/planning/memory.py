@@ -25,7 +25,9 @@ CHUNK = 512  # rows of the chunked cross-entropy (training/loss.py)
 # Measured on this loop (bench/plan_accuracy.py, SmolLM2-135M, 2-core Zen 5, torch 2.13 CPU):
 CPU_RUNTIME_BYTES = 441 * MiB       # python + torch + transformers + peft + accelerate, imported
 CPU_MISC_BYTES = 30 * MiB           # tokenizer, encoded data, accelerate state
-CPU_HEAP_FACTOR = {"full": 1.70, "lora": 1.90, "qlora": 1.90}
+CPU_HEAP_FACTOR = {"full": 1.63, "lora": 1.83, "qlora": 1.83}
+CPU_VOCAB_BYTES_PER_TOKEN = 2       # x vocab, per token of the micro batch: measured on a 4-layer and a
+                                    # 30-layer model (the per-token growth that is not per layer)
 OPTIMIZER_STEP_TEMP = 0.6           # AdamW (foreach) temporaries, x fp32 gradient bytes, measured
 LOGITS_BYTES_PER_CELL = 10          # per (row x vocab) of one loss chunk: bf16 logits, fp32 copy, softmax, grad
 GPU_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS workspace
@@ -131,6 +133,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     act_live = activations(arch, s)
     heap = CPU_HEAP_FACTOR.get(s.method, 1.9) if kind == "cpu" else 1.0
     act = act_live * heap
+    if kind == "cpu":
+        act += CPU_VOCAB_BYTES_PER_TOKEN * arch.vocab_size * s.tokens
     lg = logits_bytes(arch, s)
     # Peak is the larger of two moments: the start of backward (activations, logits chunk, the
     # bf16 weight copies; gradients exist only under accumulation) and the optimizer step (all
