@@ -11,7 +11,8 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
 - activations are the tensors autograd saves per token and layer (counted with saved-tensor hooks
   on this loop: full 26h+6q+4kv+8i bytes, bf16 LoRA 20h+6q+4kv+8i, h hidden, q/kv attention
   widths, i MLP width). On a CPU, glibc's heap keeps freed activation memory mapped, so peak RSS
-  is ~1.7x (full) / ~1.9x (LoRA) the live bytes: factors measured on this loop, applied on CPUs.
+  is ~1.6x (full) / ~1.8x (LoRA) the saved bytes, plus ~2 bytes x vocab per token: fitted to runs
+  of this loop on a 4-layer and a 30-layer model, applied on CPUs only.
 """
 
 from dataclasses import dataclass, field
@@ -141,40 +142,27 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     # gradients plus the step's temporaries; on a CPU the activations' heap is still mapped).
     during_backward = copies + lg + (grads if s.grad_accum_steps > 1 else 0.0)
     during_step = grads + step_temp
-    if kind != "cpu":
-        act_at_step = 0.0
-        second = max(act + during_backward, during_step)
-        act_shown = act
+    if kind == "cpu":  # the activations' heap stays mapped through the optimizer step
+        moment = act + max(during_backward, during_step)
     else:
-        act_at_step = act
-        second = act_at_step + max(during_backward, during_step)
-        act_shown = act
+        moment = max(act + during_backward, during_step)
     runtime = CPU_RUNTIME_BYTES + CPU_MISC_BYTES if kind == "cpu" else GPU_CONTEXT_BYTES
     b = Breakdown(trainable_params=n_train)
     b.terms = {"weights": w, "trainable parameters": adapters, "gradients": grads, "optimizer states": opt,
-               "weight copies (autocast/dequant)": copies, "activations": act_shown, "logits and loss": lg,
+               "weight copies (autocast/dequant)": copies, "activations": act, "logits and loss": lg,
                "optimizer step temporaries": step_temp, "framework overhead": float(runtime)}
     b.notes = {
         "weights": _weights_note(arch, s),
         "optimizer states": "AdamW: 2 fp32 moments" if s.optimizer == "adamw" else "8-bit AdamW: 2 x 1 byte",
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
-                        + (f", x{heap:.2f} CPU heap" if kind == "cpu" else "")),
+                        + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")),
         "logits and loss": f"{min(CHUNK, int(s.tokens * s.answer_fraction))} rows x {arch.vocab_size} vocab, chunked",
         "framework overhead": "python, torch, transformers, peft imported" if kind == "cpu" else "CUDA context",
     }
-    total = runtime + w + adapters + opt + second
-    if kind != "cpu":
-        total = runtime + GPU_ALLOCATOR_FACTOR * (w + adapters + opt + second)
-    b.peak = total
+    held = w + adapters + opt + moment
+    b.peak = runtime + (held if kind == "cpu" else GPU_ALLOCATOR_FACTOR * held)
     return b
-
-
-def load_peak(arch: Arch, s: Setup, file_dtype: str = "bf16") -> float:
-    """RSS while loading weights on a CPU: the file's pages are mapped while the model is built."""
-    file_bytes = _dtype_bytes(file_dtype) * arch.n_params
-    converted = weight_bytes(arch, s) if s.method != "full" or file_dtype != "fp32" else 0.0
-    return CPU_RUNTIME_BYTES + file_bytes + converted
 
 
 def _weights_note(arch: Arch, s: Setup) -> str:
