@@ -79,7 +79,7 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
     threads = threads or physical_cores()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_model() or platform.processor()
-    key = f"{dev}|{name}|torch {torch.__version__}|{threads} threads"
+    key = f"{dev}|{name}|torch {torch.__version__}|{threads} threads|2048x2048"
     path = calibration_path()
     cache = {}
     if use_cache and path.is_file():
