@@ -30,6 +30,7 @@ _API = {
     "learning_curve": "tunelab.evaluation", "EvalResult": "tunelab.evaluation",
     "CompareResult": "tunelab.evaluation", "JudgeResult": "tunelab.evaluation", "CurveResult": "tunelab.evaluation",
     "serve": "tunelab.serving",
+    "plan": "tunelab.planning", "PlanResult": "tunelab.planning",
     "TunelabError": "tunelab.errors", "ConfigError": "tunelab.errors", "DataError": "tunelab.errors",
     "ModelError": "tunelab.errors", "RunError": "tunelab.errors",
 }

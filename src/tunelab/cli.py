@@ -50,6 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                    help="continue the newest run of this config (or RUN_DIR) from its last checkpoint")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--force", action="store_true", help="train even if the plan predicts it does not fit in memory")
+
+    pl = sub.add_parser("plan", help="will a run fit (memory by term), where, how long, and what to change")
+    pl.add_argument("config", nargs="?", default=None, help="a run config (YAML) or a model's config.json")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    pl.add_argument("--model", default=None, help="alias, folder, .gguf, hub id, config.json, or a size: 7b, 70b")
+    pl.add_argument("--method", default=None, choices=["full", "lora", "qlora"])
+    pl.add_argument("--max-seq-len", type=int, default=None)
+    pl.add_argument("--micro-batch-size", type=int, default=None)
+    pl.add_argument("--grad-accum-steps", type=int, default=None)
+    pl.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    pl.add_argument("--lora-rank", type=int, default=None)
+    pl.add_argument("--dtype", default=None, help="auto | bf16 | fp16 | fp32")
+    pl.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    pl.add_argument("--device", default=None, help="judge for this named device first (default: this machine)")
+    pl.add_argument("--devices", default=None, help="comma list of devices to compare (default: all; 'none')")
+    pl.add_argument("--steps", type=int, default=None, help="optimizer steps, for the total time")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -202,8 +220,17 @@ def _dispatch(a) -> int | None:
     if a.command == "quickstart":
         tunelab.quickstart(output_dir=a.output_dir, max_steps=a.steps)
     elif a.command == "train":
-        result = tunelab.train(a.config, a.set, resume=a.resume, quiet=a.quiet)
+        result = tunelab.train(a.config, a.set, resume=a.resume, quiet=a.quiet, force=a.force)
         return 130 if result.interrupted else 0
+    elif a.command == "plan":
+        devices = None if a.devices is None else [d for d in a.devices.split(",") if d and d != "none"]
+        result = tunelab.plan(a.config, model=a.model, method=a.method, max_seq_len=a.max_seq_len,
+                              micro_batch_size=a.micro_batch_size, grad_accum_steps=a.grad_accum_steps,
+                              gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, dtype=a.dtype,
+                              optimizer=a.optimizer, device=a.device, devices=devices, steps=a.steps,
+                              overrides=a.set)
+        print(json.dumps(result.to_dict(), indent=2) if a.json else result)
+        return 0 if result.fits_here else 1
     elif a.command == "data":
         report = tunelab.inspect_data(a.file, model=a.model, format=a.format, columns=_columns(a.column),
                                       max_seq_len=a.max_seq_len, train_on_prompt=a.train_on_prompt,

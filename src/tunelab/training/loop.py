@@ -45,7 +45,7 @@ class TrainResult:
 
 
 def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool | str | Path" = False,
-          quiet: bool = False) -> TrainResult:
+          quiet: bool = False, force: bool = False) -> TrainResult:
     """Fine-tune a model as a config says; write everything to a run directory.
 
     Args:
@@ -54,6 +54,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         resume: True continues the newest run of this config from its last checkpoint; a path
             continues that run directory.
         quiet: no progress bar.
+        force: train even when `tunelab plan` predicts the run does not fit in this machine's memory.
 
     Returns:
         TrainResult with the run directory and validation loss before and after.
@@ -61,6 +62,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     from accelerate import Accelerator
 
     cfg = load_config(config, overrides)
+    from tunelab.planning import check_fits
+
+    check_fits(cfg, force)  # a run predicted not to fit stops here, before any weight loads
     name = cfg.name or (Path(config).stem if isinstance(config, (str, Path)) else "run")
     # autocast is ours (below), also on CPU; cpu=True lets accelerate see a torchrun/`accelerate
     # launch` job on CPUs (gloo) instead of running every process alone

@@ -1,0 +1,304 @@
+"""tunelab.plan: will a run fit, where, how long will it take, and what to change if it does not.
+
+    import tunelab
+    result = tunelab.plan("examples/lora.yaml")                       # a config, as `train` reads it
+    result = tunelab.plan(model="7b", method="qlora", max_seq_len=2048, device="a100-40gb")
+    result.fits_here, result.breakdown.peak, result.advice
+"""
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tunelab.errors import ConfigError
+from tunelab.planning.arch import Arch, resolve_arch
+from tunelab.planning.devices import DEVICES, Device, get_device, this_machine
+from tunelab.planning.memory import Breakdown, Setup, breakdown
+from tunelab.planning.timing import Timing, estimate, machine_rates
+
+HEADROOM = 0.9  # above 90% of a device's usable memory a run is "tight"
+METHODS = ("full", "lora", "qlora")
+
+
+@dataclass
+class Verdict:
+    device: Device
+    dtype: str
+    peak_bytes: float
+    status: str                    # fits | tight | does not fit
+    timing: Timing | None = None
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.status != "does not fit"
+
+
+@dataclass
+class PlanResult:
+    """A run's plan: its architecture, setup, memory breakdown here, and a verdict per device."""
+
+    arch: Arch
+    setup: Setup
+    breakdown: Breakdown                      # for the first device (this machine unless `device` is given)
+    verdicts: list[Verdict]
+    steps: int | None = None
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.breakdown.peak
+
+    @property
+    def here(self) -> Verdict:
+        return self.verdicts[0]
+
+    @property
+    def fits_here(self) -> bool:
+        return self.verdicts[0].fits
+
+    @property
+    def advice(self) -> list[str]:
+        return self.verdicts[0].advice
+
+    def to_dict(self) -> dict:
+        b = self.breakdown
+        return {"model": self.arch.name, "source": self.arch.source, "params": self.arch.n_params,
+                "trainable_params": b.trainable_params, "setup": vars(self.setup),
+                "peak_gb": round(b.peak / 1e9, 3), "terms_gb": {k: round(v / 1e9, 3) for k, v in b.terms.items()},
+                "devices": [{"device": v.device.name, "dtype": v.dtype, "peak_gb": round(v.peak_bytes / 1e9, 2),
+                             "usable_gb": v.device.usable_gb, "status": v.status, "advice": v.advice,
+                             "step_s": v.timing.step_s if v.timing else None,
+                             "total_s": v.timing.total_s if v.timing else None} for v in self.verdicts]}
+
+    def __str__(self) -> str:
+        from tunelab.planning.report import format_plan
+
+        return format_plan(self)
+
+
+def plan(config_or_path=None, *, model: str | None = None, method: str | None = None,
+         max_seq_len: int | None = None, micro_batch_size: int | None = None,
+         grad_accum_steps: int | None = None, gradient_checkpointing: bool | None = None,
+         lora_rank: int | None = None, dtype: str | None = None, optimizer: str = "adamw",
+         device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
+         steps: int | None = None, overrides=None, timing: bool = True) -> PlanResult:
+    """Predict peak memory and time of a training run, here and on named devices.
+
+    Args:
+        config_or_path: a run config (YAML path, dict or RunConfig) as `train` takes, or None.
+            A config.json path (or its folder) is taken as `model`.
+        model: alias, folder, .gguf, run dir, hub id, a config.json, or a known size ("7b", "70b").
+        method: full | lora | qlora. Other keyword arguments override the config's values.
+        device: a named device (see `tunelab.planning.DEVICES`) or "here"; the first verdict and
+            the breakdown are for it. Default: this machine.
+        devices: the other devices to judge (default: every named device; [] for none).
+        steps: optimizer steps, for the total time (default: the config's max_steps).
+        timing: False skips the time estimate (and this machine's matmul calibration).
+
+    Returns:
+        PlanResult; `str(result)` is the printed report.
+
+    Raises:
+        ModelError: the model cannot be resolved to an architecture (the message lists the fixes).
+        ConfigError: a bad method, device or number.
+    """
+    if _is_model_config(config_or_path):  # `tunelab plan path/to/config.json`: the model alone
+        if model is not None:
+            raise ConfigError(f"{config_or_path} is a model's config.json and model={model!r} is given too; pass one")
+        config_or_path, model = None, str(config_or_path)
+    cfg = _config(config_or_path, model, overrides)
+    s = Setup(method=method or cfg.method, max_seq_len=max_seq_len or cfg.data.max_seq_len,
+              micro_batch_size=micro_batch_size or cfg.train.micro_batch_size,
+              grad_accum_steps=grad_accum_steps or cfg.train.grad_accum_steps,
+              gradient_checkpointing=(cfg.train.gradient_checkpointing if gradient_checkpointing is None
+                                      else gradient_checkpointing),
+              lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
+              lora_dropout=cfg.lora.dropout, optimizer=optimizer)
+    _check(s, optimizer)
+    arch = resolve_arch(model or cfg.model.ref)
+    wanted_dtype = dtype or cfg.model.dtype
+    steps = steps or cfg.train.max_steps
+    rates = machine_rates() if timing else None
+    first = [this_machine(rates)] if device in (None, "here") else [get_device(device)]
+    others = [get_device(d) for d in (devices if devices is not None else list(DEVICES))]
+    verdicts = [judge(arch, s, d, wanted_dtype, steps if timing else None, timing, compiled=bool(cfg.train.compile))
+                for d in first + [d for d in others if d.name != first[0].name]]
+    b = breakdown(arch, replace(s, compute_dtype=verdicts[0].dtype), verdicts[0].device.kind)
+    return PlanResult(arch, s, b, verdicts, steps)
+
+
+def judge(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", steps: int | None = None,
+          timing: bool = True, compiled: bool = False) -> Verdict:
+    """Verdict for one device, with the cheapest changes that make the run fit there."""
+    d = dev.auto_dtype if dtype == "auto" else dtype
+    s = replace(s, compute_dtype=d)
+    peak = breakdown(arch, s, dev.kind).peak
+    v = Verdict(dev, d, peak, _status(peak, dev))
+    if timing and dev.tflops > 0:
+        v.timing = estimate(arch, s, dev.tflops, dev.kind, steps, "datasheet" if "here" not in dev.name else "measured",
+                            compiled=compiled)
+    if v.status != "fits":
+        v.advice = advise(arch, s, dev)
+    return v
+
+
+def advise(arch: Arch, s: Setup, dev: Device) -> list[str]:
+    """The cheapest change that makes the run fit on `dev`, as config settings.
+
+    Changes in order of cost: what leaves the result unchanged first (smaller micro batch with
+    more accumulation, gradient checkpointing), then what changes the method (LoRA, then QLoRA),
+    then shorter sequences. The first single change that fits wins; else the changes are added in
+    that order until it fits, and any that turn out not to be needed are dropped."""
+    return [_fix_text(arch, s, dev, long=True)] if _fix(arch, s, dev) is not None else [_no_fix(arch, s, dev)]
+
+
+def short_fix(arch: Arch, s: Setup, dev: Device) -> str:
+    """'fits with: lora + grad ckpt' for the devices table."""
+    fix = _fix(arch, s, dev)
+    return "no change fits" if fix is None else "with " + " + ".join(label for label, _, _ in fix)
+
+
+def _candidates(arch: Arch, s: Setup, dev: Device) -> list[tuple[str, str, dict]]:
+    fits = lambda x: _fits(arch, x, dev)  # noqa: E731
+    out = []
+    if s.micro_batch_size > 1:
+        mbs = s.micro_batch_size // 2
+        while mbs > 1 and not fits(replace(s, micro_batch_size=mbs)):
+            mbs //= 2
+        accum = max(1, s.grad_accum_steps * s.micro_batch_size // mbs)
+        out.append((f"micro batch {mbs}", f"train.micro_batch_size={mbs} train.grad_accum_steps={accum} "
+                    "(same effective batch, same result)", {"micro_batch_size": mbs, "grad_accum_steps": accum}))
+    if not s.gradient_checkpointing:
+        out.append(("grad ckpt", "train.gradient_checkpointing=true (same result, ~30% slower)",
+                    {"gradient_checkpointing": True}))
+    if s.method == "full":
+        out.append(("lora", "method=lora (adapters on a frozen base)", {"method": "lora"}))
+    if s.method in ("full", "lora"):
+        out.append(("qlora", "method=qlora (LoRA on a 4-bit base; slower on a CPU)", {"method": "qlora"}))
+    seq = s.max_seq_len // 2
+    while seq > 128 and not fits(replace(s, max_seq_len=seq)):
+        seq //= 2
+    if s.max_seq_len > 128:
+        out.append((f"seq {max(seq, 128)}", f"data.max_seq_len={max(seq, 128)} (longer examples are cut)",
+                    {"max_seq_len": max(seq, 128)}))
+    return out
+
+
+def _fix(arch: Arch, s: Setup, dev: Device):
+    cands = _candidates(arch, s, dev)
+    for c in cands:
+        if _fits(arch, replace(s, **c[2]), dev):
+            return [c]
+    chosen = []
+    for c in cands:
+        chosen.append(c)
+        if _fits(arch, _apply(s, chosen), dev):
+            for extra in list(chosen[:-1]):  # drop what the later changes made unnecessary
+                rest = [x for x in chosen if x is not extra]
+                if _fits(arch, _apply(s, rest), dev):
+                    chosen = rest
+            return [c for c in chosen if not (c[0] == "lora" and any(x[0] == "qlora" for x in chosen))]
+    return None
+
+
+def _apply(s: Setup, changes) -> Setup:
+    for _, _, kw in changes:
+        s = replace(s, **kw)
+    return s
+
+
+def _fix_text(arch: Arch, s: Setup, dev: Device, long: bool = True) -> str:
+    fix = _fix(arch, s, dev)
+    peak = breakdown(arch, _apply(s, fix), dev.kind).peak
+    return f"{'; '.join(text for _, text, _ in fix)}: predicted peak {peak / 1e9:.1f} GB"
+
+
+def _no_fix(arch: Arch, s: Setup, dev: Device) -> str:
+    smallest = _apply(s, _candidates(arch, s, dev))
+    peak = breakdown(arch, smallest, dev.kind).peak
+    return (f"no change fits: even QLoRA with micro batch 1, gradient checkpointing and short sequences needs "
+            f"{peak / 1e9:.1f} GB; use a device with more memory or a smaller model")
+
+
+def _fits(arch: Arch, s: Setup, dev: Device) -> bool:
+    return _status(breakdown(arch, s, dev.kind).peak, dev) == "fits"
+
+
+def _status(peak: float, dev: Device) -> str:
+    usable = dev.usable_gb * 1e9
+    if peak <= HEADROOM * usable:
+        return "fits"
+    return "tight" if peak <= usable else "does not fit"
+
+
+def _check(s: Setup, optimizer: str) -> None:
+    problems = []
+    if s.method not in METHODS:
+        problems.append(f"method={s.method!r}: use one of {', '.join(METHODS)}")
+    if optimizer not in ("adamw", "adamw8bit"):
+        problems.append(f"optimizer={optimizer!r}: use adamw or adamw8bit")
+    for key in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "lora_rank"):
+        if getattr(s, key) < 1:
+            problems.append(f"{key}={getattr(s, key)} must be >= 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _is_model_config(x) -> bool:
+    if not isinstance(x, (str, Path)):
+        return False
+    p = Path(x)
+    return p.suffix == ".json" or (p.is_dir() and (p / "config.json").is_file())
+
+
+def _config(config_or_path, model, overrides):
+    """The run config to plan; data.train may be empty (the plan needs no data)."""
+    from tunelab.config import RunConfig
+    from tunelab.config.load import _build, _parse_overrides, _set_dotted, read_yaml
+
+    if isinstance(config_or_path, RunConfig) and not overrides:
+        cfg = config_or_path
+    else:
+        if isinstance(config_or_path, RunConfig):
+            from tunelab.config import config_to_dict
+
+            config_or_path = config_to_dict(config_or_path)
+        p = Path(str(config_or_path)) if isinstance(config_or_path, (str, Path)) else None
+        raw = read_yaml(p) if p is not None else dict(config_or_path or {})
+        problems: list[str] = []
+        for key, value in _parse_overrides(overrides, problems):
+            _set_dotted(raw, key, value)
+        cfg = _build(RunConfig, raw, "", problems)
+        if problems:
+            raise ConfigError(problems)
+    return cfg
+
+
+def check_fits(cfg, force: bool = False) -> "PlanResult | None":
+    """`tunelab train`'s first step: stop a run predicted not to fit here, before any weight loads.
+
+    Returns the plan (None when the model's architecture cannot be known without loading it: the
+    run then goes on and the loader reports any problem). Raises RunError with the advice."""
+    import os
+
+    from tunelab.errors import ModelError, RunError
+    from tunelab.log import info
+
+    try:
+        result = plan(cfg, devices=[], timing=False)
+    except ModelError:
+        return None
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: each process holds its own copy
+    v = result.here
+    need = v.peak_bytes * procs
+    status = _status(need, v.device)
+    if status == "does not fit" and not force:
+        raise RunError(
+            f"this run is predicted to need {need / 1e9:.1f} GB at its peak"
+            + (f" ({procs} processes)" if procs > 1 else "")
+            + f" and {v.device.name} has {v.device.usable_gb:.1f} GB usable, so it would run out of memory. "
+            + " ".join(f"Cheapest change that fits: {a}." for a in v.advice)
+            + " See the whole breakdown with `tunelab plan <config>`; train anyway with --force (force=True).")
+    if status != "fits":
+        info(f"[yellow]warning:[/] predicted peak memory {need / 1e9:.1f} GB of {v.device.usable_gb:.1f} GB usable "
+             f"({status}{'; --force' if status == 'does not fit' else ''})")
+    return result

@@ -1,0 +1,178 @@
+"""Peak memory of one training run, term by term, for OUR training loop (training/loop.py).
+
+Facts of the loop that the terms follow (each measured here, see bench/plan_accuracy.py):
+- full: fp32 master weights, matmuls in bf16 under autocast; autocast keeps a bf16 copy of every
+  weight from the forward to the backward (2 bytes/param); AdamW keeps two fp32 moments.
+- lora: the frozen base is loaded in the compute dtype (bf16: 2 bytes/param); adapters, their
+  gradients and moments are fp32. qlora: the base's linear layers in 4-bit nf4.
+- the loss never holds [tokens x vocab] logits: the head runs CHUNK (512) answer rows at a time,
+  recomputed in backward (training/loss.py), so the logits term is bounded by the chunk.
+- packed rows: a micro batch is micro_batch_size * max_seq_len tokens at most, without padding.
+- activations are the tensors autograd saves per token and layer (counted with saved-tensor hooks
+  on this loop: full 26h+6q+4kv+8i bytes, bf16 LoRA 20h+6q+4kv+8i, h hidden, q/kv attention
+  widths, i MLP width). On a CPU, glibc's heap keeps freed activation memory mapped, so peak RSS
+  is ~1.6x (full) / ~1.8x (LoRA) the saved bytes, plus ~2 bytes x vocab per token: fitted to runs
+  of this loop on a 4-layer and a 30-layer model, applied on CPUs only.
+"""
+
+from dataclasses import dataclass, field
+
+from tunelab.planning.arch import Arch
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+CHUNK = 512  # rows of the chunked cross-entropy (training/loss.py)
+
+# Measured on this loop (bench/plan_accuracy.py, SmolLM2-135M, 2-core Zen 5, torch 2.13 CPU):
+CPU_RUNTIME_BYTES = 441 * MiB       # python + torch + transformers + peft + accelerate, imported
+CPU_MISC_BYTES = 30 * MiB           # tokenizer, encoded data, accelerate state
+CPU_HEAP_FACTOR = {"full": 1.63, "lora": 1.83, "qlora": 1.83}
+CPU_VOCAB_BYTES_PER_TOKEN = 2       # x vocab, per token of the micro batch: measured on a 4-layer and a
+                                    # 30-layer model (the per-token growth that is not per layer)
+OPTIMIZER_STEP_TEMP = 0.6           # AdamW (foreach) temporaries, x fp32 gradient bytes, measured
+LOGITS_BYTES_PER_CELL = 10          # per (row x vocab) of one loss chunk: bf16 logits, fp32 copy, softmax, grad
+GPU_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS workspace
+GPU_ALLOCATOR_FACTOR = 1.10         # caching allocator fragmentation
+
+NF4_BYTES = 0.5                     # 4 bits per weight
+QUANT_CONST_BYTES = 4 / 64          # one fp32 absmax per block of 64
+QUANT_CONST_DQ_BYTES = 1 / 64 + 4 / (64 * 256)  # double quantization: 8-bit absmax + fp32 per 256 blocks
+
+
+@dataclass
+class Setup:
+    """One run's choices that memory depends on (the names are the config's)."""
+
+    method: str = "lora"                 # full | lora | qlora
+    compute_dtype: str = "bf16"          # bf16 | fp16 | fp32 (resolved; never "auto" here)
+    max_seq_len: int = 1024
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 2
+    gradient_checkpointing: bool = False
+    lora_rank: int = 16
+    lora_targets: "list[str] | str" = "all-linear"
+    lora_dropout: float = 0.05
+    optimizer: str = "adamw"             # adamw | adamw8bit
+    double_quant: bool = True
+    answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one packed micro batch, at most."""
+        return self.micro_batch_size * self.max_seq_len
+
+
+@dataclass
+class Breakdown:
+    """Peak memory in bytes, by term; `peak` is what the device must hold."""
+
+    terms: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    peak: float = 0.0
+    trainable_params: int = 0
+
+
+def weight_bytes(arch: Arch, s: Setup) -> float:
+    n = arch.n_params
+    if s.method == "full":
+        return 4.0 * n  # fp32 master weights (the optimizer updates these)
+    if s.method == "qlora":
+        const = QUANT_CONST_DQ_BYTES if s.double_quant else QUANT_CONST_BYTES
+        rest = arch.embedding_params + arch.norm_params  # embeddings, head and norms stay in bf16
+        return (NF4_BYTES + const) * arch.linear_params + 2.0 * rest
+    return _dtype_bytes(s.compute_dtype) * n  # lora: the frozen base in the compute dtype
+
+
+def trainable_params(arch: Arch, s: Setup) -> int:
+    return arch.n_params if s.method == "full" else arch.lora_params(s.lora_rank, s.lora_targets)
+
+
+def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
+    """Bytes autograd saves per token in one decoder layer (see the module docstring)."""
+    h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
+    low = s.compute_dtype != "fp32"
+    if s.method == "full":
+        per = (26 * h + 6 * q + 4 * kv + 8 * i) if low else (24 * h + 12 * q + 8 * kv + 16 * i)
+    else:
+        per = (20 * h + 6 * q + 4 * kv + 8 * i) if low else (40 * h + 12 * q + 8 * kv + 16 * i)
+        if s.lora_dropout > 0:  # peft's dropout keeps a dropped copy of each adapter input and its mask
+            per += (20 * h + 4 * q + 4 * i) * (1 if low else 2)
+        per += 2 * s.lora_rank * len(arch.linears()) * (1 if low else 2)
+    return float(per)
+
+
+def activations(arch: Arch, s: Setup) -> float:
+    t = s.tokens
+    per_layer = activation_bytes_per_token_layer(arch, s)
+    residual = 4 * arch.hidden_size if s.method == "full" or s.compute_dtype == "fp32" else 2 * arch.hidden_size
+    if s.gradient_checkpointing:
+        # each layer keeps only its input; one layer's activations exist again during its recompute
+        body = t * (arch.num_layers * residual + per_layer)
+    else:
+        body = t * arch.num_layers * per_layer
+    final = t * (2 * residual + residual * s.answer_fraction)  # final norm, hidden states at answers
+    return body + final
+
+
+def logits_bytes(arch: Arch, s: Setup) -> float:
+    rows = min(CHUNK, max(1, int(s.tokens * s.answer_fraction)))
+    return LOGITS_BYTES_PER_CELL * rows * arch.vocab_size
+
+
+def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
+    """Peak memory for `kind` cpu (RSS of the training process) or gpu (device memory)."""
+    n_train = trainable_params(arch, s)
+    w = weight_bytes(arch, s)
+    adapters = 4.0 * n_train if s.method != "full" else 0.0  # fp32 adapters
+    grads = 4.0 * n_train
+    opt = (8.0 if s.optimizer == "adamw" else 2.0) * n_train
+    step_temp = OPTIMIZER_STEP_TEMP * grads if (kind == "cpu" and s.optimizer == "adamw") else 0.0
+    low = s.compute_dtype != "fp32"
+    copies = 2.0 * n_train if low else 0.0  # autocast's bf16 copy of each trained weight
+    if s.method == "qlora":  # bitsandbytes dequantizes one weight at a time to bf16
+        copies += 2.0 * max(a * b for a, b in arch.linears().values())
+    act_live = activations(arch, s)
+    heap = CPU_HEAP_FACTOR.get(s.method, 1.9) if kind == "cpu" else 1.0
+    act = act_live * heap
+    if kind == "cpu":
+        act += CPU_VOCAB_BYTES_PER_TOKEN * arch.vocab_size * s.tokens
+    lg = logits_bytes(arch, s)
+    # Peak is the larger of two moments: the start of backward (activations, logits chunk, the
+    # bf16 weight copies; gradients exist only under accumulation) and the optimizer step (all
+    # gradients plus the step's temporaries; on a CPU the activations' heap is still mapped).
+    during_backward = copies + lg + (grads if s.grad_accum_steps > 1 else 0.0)
+    during_step = grads + step_temp
+    if kind == "cpu":  # the activations' heap stays mapped through the optimizer step
+        moment = act + max(during_backward, during_step)
+    else:
+        moment = max(act + during_backward, during_step)
+    runtime = CPU_RUNTIME_BYTES + CPU_MISC_BYTES if kind == "cpu" else GPU_CONTEXT_BYTES
+    b = Breakdown(trainable_params=n_train)
+    b.terms = {"weights": w, "trainable parameters": adapters, "gradients": grads, "optimizer states": opt,
+               "weight copies (autocast/dequant)": copies, "activations": act, "logits and loss": lg,
+               "optimizer step temporaries": step_temp, "framework overhead": float(runtime)}
+    b.notes = {
+        "weights": _weights_note(arch, s),
+        "optimizer states": "AdamW: 2 fp32 moments" if s.optimizer == "adamw" else "8-bit AdamW: 2 x 1 byte",
+        "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
+                        + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
+                        + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")),
+        "logits and loss": f"{min(CHUNK, int(s.tokens * s.answer_fraction))} rows x {arch.vocab_size} vocab, chunked",
+        "framework overhead": "python, torch, transformers, peft imported" if kind == "cpu" else "CUDA context",
+    }
+    held = w + adapters + opt + moment
+    b.peak = runtime + (held if kind == "cpu" else GPU_ALLOCATOR_FACTOR * held)
+    return b
+
+
+def _weights_note(arch: Arch, s: Setup) -> str:
+    if s.method == "full":
+        return f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32 master)"
+    if s.method == "qlora":
+        return (f"{arch.linear_params / 1e9:.2f}B in nf4 ({NF4_BYTES} byte + constants"
+                f"{', double-quantized' if s.double_quant else ''}), embeddings/norms bf16")
+    return f"{arch.n_params / 1e9:.2f}B params x {_dtype_bytes(s.compute_dtype)} bytes ({s.compute_dtype}, frozen)"
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"fp32": 4, "bf16": 2, "fp16": 2}.get(name, 2)

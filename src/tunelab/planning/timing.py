@@ -1,0 +1,134 @@
+"""Training time: FLOPs per token from the architecture, over a device's effective rate.
+
+This machine's rate is a quick matmul calibration (bf16 and fp32, ~1 s each), cached per CPU,
+torch version and thread count; named devices use datasheet dense tensor-core figures. A training
+step reaches only a share of the matmul peak (elementwise work, attention, small LoRA matmuls):
+EFFICIENCY holds the share measured on this loop here (bench/RESULTS.md, MFU) and a typical
+share on GPUs.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.planning.arch import Arch
+from tunelab.planning.memory import Setup
+
+# Model FLOPs per second / bf16 matmul peak, measured with this loop on this CPU (MFU in
+# bench/RESULTS.md: LoRA 11% eager, 16% compiled; full ~10% eager) and a usual figure on GPUs.
+EFFICIENCY = {"cpu": 0.11, "cpu_compiled": 0.16, "gpu": 0.35}
+QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forward and backward
+
+
+def flops_per_token(arch: Arch, s: Setup) -> float:
+    """Training FLOPs per token. Full: 6N (forward 2N, backward 4N); a frozen base needs no weight
+    gradients, so LoRA/QLoRA: 4N + 6 per adapter parameter; gradient checkpointing adds one more
+    forward (2N). Causal attention adds 6 x layers x q_dim x seq (scores and values, forward and
+    backward, half the pairs for the mask). The chunked loss recomputes the head once (2 V h)."""
+    n = arch.linear_params + arch.vocab_size * arch.hidden_size  # matmul parameters (head included)
+    if s.method == "full":
+        base = 6.0 * n
+    else:
+        base = 4.0 * n + 6.0 * arch.lora_params(s.lora_rank, s.lora_targets)
+    if s.gradient_checkpointing:
+        base += 2.0 * n
+    attention = 6.0 * arch.num_layers * arch.q_dim * s.max_seq_len
+    head_recompute = 2.0 * arch.vocab_size * arch.hidden_size * s.answer_fraction
+    return base + attention + head_recompute
+
+
+@dataclass
+class Timing:
+    flops_per_token: float
+    tokens_per_s: float
+    step_s: float
+    total_s: float | None
+    rate_tflops: float
+    rate_source: str
+
+
+def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | None,
+             rate_source: str, compiled: bool = False) -> Timing:
+    eff = EFFICIENCY["gpu"] if kind == "gpu" else EFFICIENCY["cpu_compiled" if compiled else "cpu"]
+    rate = peak_tflops * 1e12 * eff
+    if s.method == "qlora" and kind == "cpu":
+        rate /= QLORA_CPU_SLOWDOWN
+    fpt = flops_per_token(arch, s)
+    tps = rate / fpt
+    step_tokens = s.tokens * s.grad_accum_steps
+    step_s = step_tokens / tps
+    return Timing(fpt, tps, step_s, step_s * steps if steps else None, peak_tflops, rate_source)
+
+
+def calibration_path() -> Path:
+    from tunelab.models.load import cache_dir
+
+    return cache_dir() / "matmul_rate.json"
+
+
+def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: bool = True) -> dict:
+    """bf16 and fp32 matmul TFLOP/s of this CPU (or GPU), measured once and cached."""
+    import platform
+
+    import torch
+
+    from tunelab.hardware import physical_cores
+
+    threads = threads or physical_cores()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_model() or platform.processor()
+    key = f"{dev}|{name}|torch {torch.__version__}|{threads} threads|2048x2048"
+    path = calibration_path()
+    cache = {}
+    if use_cache and path.is_file():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+        if key in cache:
+            return cache[key]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rates = {"bf16": _matmul_tflops(torch.bfloat16, dev, seconds), "fp32": _matmul_tflops(torch.float32, dev, seconds),
+                 "device": dev, "name": name, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    finally:
+        torch.set_num_threads(old)
+    cache[key] = rates
+    try:
+        from tunelab.runs import atomic_write_json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, cache)
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return rates
+
+
+def _matmul_tflops(dtype, dev: str, seconds: float, n: int = 2048) -> float:
+    import torch
+
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
+    for _ in range(2):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e12
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine

