@@ -62,6 +62,10 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
 
     cfg = load_config(config, overrides)
     name = cfg.name or (Path(config).stem if isinstance(config, (str, Path)) else "run")
+    if cfg.stage not in ("sft", "pretrain"):  # preference and RL stages run on TRL's trainers
+        from tunelab.training.stages.trl_stages import train_trl
+
+        return train_trl(cfg, name, resume, quiet)
     # autocast is ours (below), also on CPU; cpu=True lets accelerate see a torchrun/`accelerate
     # launch` job on CPUs (gloo) instead of running every process alone
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
@@ -86,10 +90,15 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # A LoRA base never updates, so it loads straight in the compute dtype: half the memory, and
     # autocast stops re-casting every weight on every step. peft keeps the adapters in fp32.
     frozen_low = cfg.method == "lora" and compute_dtype != torch.float32
-    model, tokenizer = load_model(cfg.model.ref, dtype=dtype_name(compute_dtype) if frozen_low else "fp32", device="cpu",
-                                  chat_template=cfg.model.chat_template,
-                                  trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
+    if cfg.stage == "pretrain":  # raw text, every token trained; maybe a new model and tokenizer
+        from tunelab.training.stages.pretrain import setup_pretrain
+
+        model, tokenizer, data = setup_pretrain(cfg, run_dir, is_main, progress=is_main)
+    else:
+        model, tokenizer = load_model(cfg.model.ref, dtype=dtype_name(compute_dtype) if frozen_low else "fp32",
+                                      device="cpu", chat_template=cfg.model.chat_template,
+                                      trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+        data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
     if not data.train:
         raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
     if is_main:
@@ -106,6 +115,10 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         from tunelab.training.lora import apply_lora
 
         model = apply_lora(model, cfg.lora)
+    if cfg.train.neftune_alpha:
+        from tunelab.training.neftune import enable_neftune
+
+        enable_neftune(model, cfg.train.neftune_alpha)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     info(f"model {cfg.model.ref}: {describe_model(model)}; method {cfg.method}, compute "
@@ -246,7 +259,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 _point_adapter_at_ref(tmp, cfg.model.ref)
         plot_losses(run_dir)
         write_manifest(run_dir, {
-            "run": run_dir.name, "status": "finished", "method": cfg.method, "seed": cfg.seed,
+            "run": run_dir.name, "status": "finished", "stage": cfg.stage, "method": cfg.method, "seed": cfg.seed,
             "model": cfg.model.ref, "steps": state["step"], "train_tokens": state["tokens"],
             "val_loss_before": val_before, "val_loss_after": val_after,
             "data": {"train": cfg.data.train, "train_sha256": sha256_file(cfg.data.train),
