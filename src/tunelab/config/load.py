@@ -127,7 +127,7 @@ def validate(cfg: RunConfig) -> list[str]:
     _positive(p, "train.keep_checkpoints", t.keep_checkpoints)
     if t.threads is not None:
         _positive(p, "train.threads", t.threads)
-    if cfg.method == "full" and t.learning_rate > 1e-3:
+    if cfg.method == "full" and t.learning_rate > 1e-3 and not cfg.pretrain.from_scratch:  # random init: no knowledge to destroy
         p.append(f"train.learning_rate={t.learning_rate} is far too high for method=full and would "
                  "destroy the model; use 1e-5..5e-5")
     return p

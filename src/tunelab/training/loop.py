@@ -121,7 +121,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         enable_neftune(model, cfg.train.neftune_alpha)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    info(f"model {cfg.model.ref}: {describe_model(model)}; method {cfg.method}, compute "
+    info(f"model {cfg.pretrain.from_scratch or cfg.model.ref}: {describe_model(model)}; method {cfg.method}, compute "
          f"{dtype_name(compute_dtype)}, device {accelerator.device.type}"
          + (f", {threads} threads" if threads else ""))
 
