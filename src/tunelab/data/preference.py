@@ -59,12 +59,12 @@ def load_preference_rows(path: str, stage: str, fmt: str = "auto", system_prompt
 
 
 def _detect(row: dict, where: str, stage: str) -> str:
+    if stage in ("grpo", "ppo") and any(k in row for k in ("prompt", "messages", "instruction")):
+        return "prompt"  # RL samples its own answers: any row with a prompt will do
     if "chosen" in row and "rejected" in row:
         return "sharegpt" if "conversations" in row or isinstance(row["chosen"], dict) else "pairs"
     if "label" in row or "kto_tag" in row:
         return "kto"
-    if stage in ("grpo", "ppo") and any(k in row for k in ("prompt", "messages", "instruction")):
-        return "prompt"
     want = {"kto": "prompt, completion, label", "grpo": "prompt", "ppo": "prompt"}.get(stage, "prompt, chosen, rejected")
     raise DataError(f"{where}: cannot tell the format of this row (fields: {', '.join(map(str, row)) or 'none'}); "
                     f"stage {stage} needs {want}; rename the fields or map them with data.columns")

@@ -46,6 +46,9 @@ def train_trl(cfg: RunConfig, name: str, resume, quiet: bool):
          f"compute {dtype_name(compute_dtype)}" + (f", {threads} threads" if threads else "")
          + f"; {len(train_rows)} train / {len(val_rows)} validation rows; run {run_dir}")
     trainer = _trainer(cfg, model, tokenizer, train_rows, val_rows, run_dir, compute_dtype, quiet)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our callback logs instead
 
     val_before = None
     if start_ckpt is None and val_rows:
@@ -64,7 +67,11 @@ def train_trl(cfg: RunConfig, name: str, resume, quiet: bool):
              f"with `tunelab train {run_dir / 'config.yaml'} --resume`")
         return TrainResult(run_dir, None, step, val_before, None, interrupted=True)
     train_seconds = time.time() - t0
-    after = trainer.evaluate() if val_rows else {}
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    if evals and evals[-1].get("step") == trainer.state.global_step:
+        after = evals[-1]  # the last step was just evaluated; do not pay for it twice
+    else:
+        after = trainer.evaluate() if val_rows else {}
     val_after = after.get("eval_loss")
 
     final_dir = run_dir / "final"
@@ -76,7 +83,8 @@ def train_trl(cfg: RunConfig, name: str, resume, quiet: bool):
     write_manifest(run_dir, {
         "run": run_dir.name, "status": "finished", "stage": cfg.stage, "method": cfg.method, "seed": cfg.seed,
         "model": cfg.model.ref, "steps": steps, "val_loss_before": val_before, "val_loss_after": val_after,
-        "val_metrics_after": {k.removeprefix("eval_"): v for k, v in after.items() if k not in SKIP},
+        "val_metrics_after": {k.removeprefix("eval_"): v for k, v in after.items()
+                              if k.startswith("eval_") and k not in SKIP},
         "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
         "train_loss": out.training_loss,
         "data": {"train": cfg.data.train, "train_sha256": sha256_file(cfg.data.train),
