@@ -32,7 +32,7 @@ def load_preference_rows(path: str, stage: str, fmt: str = "auto", system_prompt
     for row, where in records:
         if columns:
             row = {columns.get(k, k): v for k, v in row.items()}
-        kind = fmt if fmt != "auto" else _detect(row, where, stage)
+        kind = fmt if fmt != "auto" else found or _detect(row, where, stage)  # the first row decides
         if kind not in STAGE_FORMATS[stage]:
             raise DataError(f"{where}: format {kind!r} cannot be used by stage {stage}; it needs "
                             f"{' or '.join(STAGE_FORMATS[stage])} rows (see docs/stages.md)")
