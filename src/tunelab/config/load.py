@@ -154,7 +154,7 @@ def _validate_stage(cfg: RunConfig) -> list[str]:
         _positive(p, "preference.beta", pref.beta)
         _one_of(p, "preference.loss_type", pref.loss_type, DPO_LOSSES)
         _positive(p, "preference.max_prompt_len", pref.max_prompt_len)
-        if pref.max_prompt_len >= cfg.data.max_seq_len:
+        if st == "orpo" and pref.max_prompt_len >= cfg.data.max_seq_len:
             p.append(f"preference.max_prompt_len={pref.max_prompt_len} must be below data.max_seq_len="
                      f"{cfg.data.max_seq_len} (room is needed for the answers)")
     if st in ("grpo", "ppo"):
@@ -184,6 +184,12 @@ def _resolve_data_paths(cfg: RunConfig, config_dir: Path) -> None:
             beside = config_dir / value
             if beside.exists():
                 setattr(cfg.data, key, str(beside))
+    rl = cfg.rl  # a reward model folder or reward .py file named in the config: also beside the config
+    if rl.reward_model and not Path(rl.reward_model).exists() and (config_dir / rl.reward_model).exists():
+        rl.reward_model = str(config_dir / rl.reward_model)
+    target, sep, fn = (rl.reward_function or "").rpartition(":")
+    if sep and target.endswith(".py") and not Path(target).exists() and (config_dir / target).is_file():
+        rl.reward_function = f"{config_dir / target}:{fn}"
 
 
 # --- building dataclasses from dicts -------------------------------------------------------

@@ -126,7 +126,8 @@ class PreferenceConfig:
     loss_type: str = "sigmoid"
     """dpo: sigmoid | ipo | hinge | robust. Others ignore it."""
     max_prompt_len: int = 512
-    """Prompts are cut to this many tokens (from the left, keeping the end of the prompt)."""
+    """orpo: room for the prompt; answers get max_seq_len minus this. (dpo/kto/reward cut the whole
+    sequence at data.max_seq_len, keeping its end.)"""
 
 
 @dataclass
