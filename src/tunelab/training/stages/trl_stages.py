@@ -109,10 +109,10 @@ def _run_dir(cfg: RunConfig, name: str, resume) -> tuple[Path, Path | None]:
     run = Path(resume) if not isinstance(resume, bool) else last_run(cfg.output_dir, name)
     if run is None or not run.is_dir():
         raise RunError(f"nothing to resume: no run named {name}-* in {cfg.output_dir}/; start one without --resume")
+    if (run / "manifest.json").exists():
+        raise RunError(f"{run} already finished; to train longer start a new run from its final/ weights")
     found = latest_checkpoint(run)
     if found is None:
-        if (run / "manifest.json").exists():
-            raise RunError(f"{run} already finished; to train longer start a new run from its final/ weights")
         raise RunError(f"{run} has no checkpoint yet (it stopped before the first save); start it again without --resume")
     old = load_config(run / "config.yaml")
     if old.stage != cfg.stage:
