@@ -366,7 +366,7 @@ class RunCallback(_callback_base()):
             if k in SKIP or not isinstance(v, (int, float)):
                 continue
             rec[RENAME.get(k, k.replace("eval_", "val_", 1) if k.startswith("eval_") else k)] = v
-        if len(rec) > 1:
+        if set(rec) - {"step", "epoch"}:  # not the end-of-training summary (runtime only)
             append_metrics(self.run_dir, rec)
         if "val_loss" in rec and state.global_step and self.progress:
             self.progress.console.print(f"step {state.global_step}: validation loss {rec['val_loss']:.4f}")
