@@ -21,6 +21,8 @@ METHODS = ("full", "lora", "qlora")
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
+STAGES = ("sft", "pretrain", "dpo", "orpo", "kto", "reward", "grpo", "ppo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def load_config(source: "str | Path | dict | RunConfig | None" = None,
@@ -98,7 +100,10 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"model.quantization={m.quantization} with method=full: quantized weights cannot be "
                      "trained; use method=qlora (adapters on a quantized base) or drop model.quantization")
     _one_of(p, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
-    _one_of(p, "data.format", d.format, ("auto", *FORMATS))
+    _one_of(p, "stage", cfg.stage, STAGES)
+    if cfg.stage in ("sft", "pretrain"):
+        _one_of(p, "data.format", d.format, ("auto", *FORMATS))
+    p += _validate_stage(cfg)
     if not m.ref:
         p.append("model.ref is empty; set it to an alias such as smollm2-135m-instruct, a folder or a .gguf file")
     if not d.train:
@@ -134,9 +139,55 @@ def validate(cfg: RunConfig) -> list[str]:
         _one_of(p, "eval.metrics", name, METRICS)
     if t.threads is not None:
         _positive(p, "train.threads", t.threads)
-    if cfg.method == "full" and t.learning_rate > 1e-3:
+    if cfg.method == "full" and t.learning_rate > 1e-3 and not cfg.pretrain.from_scratch:  # random init: no knowledge to destroy
         p.append(f"train.learning_rate={t.learning_rate} is far too high for method=full and would "
                  "destroy the model; use 1e-5..5e-5")
+    return p
+
+
+def _validate_stage(cfg: RunConfig) -> list[str]:
+    """Checks of the stage-specific sections (pretrain, preference, rl) and NEFTune/DoRA."""
+    from tunelab.data.preference import PREFERENCE_FORMATS
+
+    p, st, pre, pref, rl = [], cfg.stage, cfg.pretrain, cfg.preference, cfg.rl
+    if cfg.train.neftune_alpha is not None and cfg.train.neftune_alpha <= 0:
+        p.append(f"train.neftune_alpha={cfg.train.neftune_alpha} must be > 0 (typical: 5) or null (off)")
+    if pre.from_scratch is not None:
+        if st != "pretrain":
+            p.append(f"pretrain.from_scratch is set but stage={st!r}; set stage: pretrain or remove it")
+        if cfg.method != "full":
+            p.append("pretrain.from_scratch trains a new model: set method: full (LoRA needs pretrained weights)")
+    if st == "reward" and cfg.base_quantization:
+        p.append("stage reward builds a new scalar head on the model's full-precision body: use method: lora "
+                 "or full (not qlora or model.quantization)")
+    if pre.vocab_size < 300:
+        p.append(f"pretrain.vocab_size={pre.vocab_size} is too small; use at least 300 (256 bytes + merges)")
+    if st == "pretrain" and cfg.data.format not in ("auto", "text"):
+        p.append(f"data.format={cfg.data.format!r}: stage pretrain reads raw text; use text (or auto)")
+    if st in ("dpo", "orpo", "kto", "reward"):
+        _one_of(p, "data.format", cfg.data.format, ("auto", *PREFERENCE_FORMATS))
+        _positive(p, "preference.beta", pref.beta)
+        _one_of(p, "preference.loss_type", pref.loss_type, DPO_LOSSES)
+        _positive(p, "preference.max_prompt_len", pref.max_prompt_len)
+        if st == "orpo" and pref.max_prompt_len >= cfg.data.max_seq_len:
+            p.append(f"preference.max_prompt_len={pref.max_prompt_len} must be below data.max_seq_len="
+                     f"{cfg.data.max_seq_len} (room is needed for the answers)")
+    if st in ("grpo", "ppo"):
+        _one_of(p, "data.format", cfg.data.format, ("auto", "prompt"))
+        if not rl.reward_model and not rl.reward_function:
+            p.append(f"stage {st} needs a reward: set rl.reward_model (a `stage: reward` run) or "
+                     "rl.reward_function (\"module:function\" or \"file.py:function\")")
+        if rl.reward_function and ":" not in rl.reward_function:
+            p.append(f"rl.reward_function={rl.reward_function!r} must look like module:function or file.py:function")
+        if rl.num_generations < 2:
+            p.append(f"rl.num_generations={rl.num_generations} must be >= 2 (completions are compared within a group)")
+        _positive(p, "rl.max_new_tokens", rl.max_new_tokens)
+        _positive(p, "rl.temperature", rl.temperature)
+        if rl.beta < 0:
+            p.append(f"rl.beta={rl.beta} must be >= 0")
+    if st == "ppo":
+        p.append("stage ppo: TRL 1.16 no longer ships a PPO trainer; use stage: grpo, which takes the same "
+                 "rl.reward_model / rl.reward_function and needs no value model")
     return p
 
 
@@ -151,6 +202,12 @@ def _resolve_data_paths(cfg: RunConfig, config_dir: Path) -> None:
     e = cfg.eval.data
     if e and not Path(e).is_absolute() and not Path(e).exists() and (config_dir / e).exists():
         cfg.eval.data = str(config_dir / e)
+    rl = cfg.rl  # a reward model folder or reward .py file named in the config: also beside the config
+    if rl.reward_model and not Path(rl.reward_model).exists() and (config_dir / rl.reward_model).exists():
+        rl.reward_model = str(config_dir / rl.reward_model)
+    target, sep, fn = (rl.reward_function or "").rpartition(":")
+    if sep and target.endswith(".py") and not Path(target).exists() and (config_dir / target).is_file():
+        rl.reward_function = f"{config_dir / target}:{fn}"
 
 
 # --- building dataclasses from dicts -------------------------------------------------------

@@ -61,6 +61,9 @@ class LoraConfig:
     """Dropout on the LoRA input; 0 for tiny datasets you want to memorise."""
     target_modules: list[str] | str = "all-linear"
     """Which linear layers get adapters: all-linear, or names such as [q_proj, v_proj]."""
+    use_dora: bool = False
+    """DoRA: split each adapted weight into a magnitude vector and a direction that LoRA updates.
+    Often closer to full fine-tuning at the same rank; ~20-40% slower steps."""
 
 
 @dataclass
@@ -105,6 +108,48 @@ class TrainConfig:
     (~75 s, ~25 s when cached). None (auto): on when the run trains at least 150k tokens."""
     threads: int | None = None
     """CPU threads for torch. None: the number of physical cores."""
+    neftune_alpha: float | None = None
+    """NEFTune: uniform noise of scale alpha/sqrt(seq_len * hidden) added to the input embeddings
+    during training only (never in evaluation or generation). Typical: 5. None: off."""
+
+
+@dataclass
+class PretrainConfig:
+    from_scratch: str | None = None
+    """stage pretrain only. None: continue pretraining model.ref. Else a new randomly initialised
+    model: a named size (llama-tiny, llama-small, smollm2-135m) or a path to an architecture
+    config.json; its tokenizer is trained on data.train and saved in the run."""
+    vocab_size: int = 8000
+    """Vocabulary of the byte-level BPE tokenizer trained for a from-scratch model."""
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float = 0.1
+    """dpo/kto: strength of the pull towards the reference model (higher: stay closer).
+    orpo: weight of the odds-ratio term (lambda in the paper)."""
+    loss_type: str = "sigmoid"
+    """dpo: sigmoid | ipo | hinge | robust. Others ignore it."""
+    max_prompt_len: int = 512
+    """orpo: room for the prompt; answers get max_seq_len minus this. (dpo/kto/reward cut the whole
+    sequence at data.max_seq_len, keeping its end.)"""
+
+
+@dataclass
+class RLConfig:
+    reward_model: str | None = None
+    """grpo/ppo: a reward model (run directory of a `stage: reward` run, or a folder)."""
+    reward_function: str | None = None
+    """grpo/ppo: a Python reward "module:function" or "path/to/file.py:function", called as
+    fn(prompts=[...], completions=[...], **columns) -> list of floats."""
+    num_generations: int = 4
+    """Completions sampled per prompt; GRPO compares them to each other (group baseline)."""
+    max_new_tokens: int = 64
+    """Length limit of each sampled completion."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions."""
+    beta: float = 0.0
+    """KL penalty towards the starting model (0: none, no reference model kept in memory)."""
 
 
 @dataclass
@@ -134,6 +179,8 @@ class RunConfig:
     method: str = "lora"
     """full | lora | qlora: train all weights, low-rank adapters on a frozen base, or adapters on a
     4-bit (nf4) base."""
+    stage: str = "sft"
+    """sft | pretrain | dpo | orpo | kto | reward | grpo | ppo: what the run trains (see docs/stages.md)."""
     seed: int = 42
     """Seeds data order, the validation split, LoRA init and dropout."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,6 +188,9 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def uses_adapter(self) -> bool:

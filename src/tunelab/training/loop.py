@@ -66,6 +66,10 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
 
     check_fits(cfg, force)  # a run predicted not to fit stops here, before any weight loads
     name = cfg.name or (Path(config).stem if isinstance(config, (str, Path)) else "run")
+    if cfg.stage not in ("sft", "pretrain"):  # preference and RL stages run on TRL's trainers
+        from tunelab.training.stages.trl_stages import train_trl
+
+        return train_trl(cfg, name, resume, quiet)
     # autocast is ours (below), also on CPU; cpu=True lets accelerate see a torchrun/`accelerate
     # launch` job on CPUs (gloo) instead of running every process alone
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
@@ -91,11 +95,17 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # autocast stops re-casting every weight on every step. peft keeps the adapters in fp32.
     # A qlora base is 4-bit (bitsandbytes) and dequantizes to compute_dtype inside each matmul.
     frozen_low = cfg.uses_adapter and compute_dtype != torch.float32
-    model, tokenizer = load_model(cfg.model.ref, dtype=dtype_name(compute_dtype) if frozen_low else "fp32", device="cpu",
-                                  chat_template=cfg.model.chat_template,
-                                  trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                                  quantization=cfg.base_quantization or "none", double_quant=cfg.model.double_quant)
-    data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
+    if cfg.stage == "pretrain":  # raw text, every token trained; maybe a new model and tokenizer
+        from tunelab.training.stages.pretrain import setup_pretrain
+
+        model, tokenizer, data = setup_pretrain(cfg, run_dir, is_main, progress=is_main)
+    else:
+        model, tokenizer = load_model(cfg.model.ref, dtype=dtype_name(compute_dtype) if frozen_low else "fp32",
+                                      device="cpu", chat_template=cfg.model.chat_template,
+                                      trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                                      quantization=cfg.base_quantization or "none",
+                                      double_quant=cfg.model.double_quant)
+        data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
     if not data.train:
         raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
     if is_main:
@@ -112,9 +122,13 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         from tunelab.training.lora import apply_lora
 
         model = apply_lora(model, cfg.lora)
+    if cfg.train.neftune_alpha:
+        from tunelab.training.neftune import enable_neftune
+
+        enable_neftune(model, cfg.train.neftune_alpha)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    info(f"model {cfg.model.ref}: {describe_model(model)}; method {cfg.method}, compute "
+    info(f"model {cfg.pretrain.from_scratch or cfg.model.ref}: {describe_model(model)}; method {cfg.method}, compute "
          f"{dtype_name(compute_dtype)}, device {accelerator.device.type}"
          + (f", {threads} threads" if threads else ""))
 
@@ -259,7 +273,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 _point_adapter_at_ref(tmp, cfg.model.ref)
         plot_losses(run_dir)
         write_manifest(run_dir, {
-            "run": run_dir.name, "status": "finished", "method": cfg.method, "seed": cfg.seed,
+            "run": run_dir.name, "status": "finished", "stage": cfg.stage, "method": cfg.method, "seed": cfg.seed,
             "model": cfg.model.ref, "steps": state["step"], "train_tokens": state["tokens"],
             "val_loss_before": val_before, "val_loss_after": val_after,
             "data": {"train": cfg.data.train, "train_sha256": sha256_file(cfg.data.train),

@@ -5,12 +5,13 @@ from tunelab.errors import ConfigError
 
 
 def apply_lora(model, cfg: LoraConfig):
-    """Wrap `model` with LoRA adapters; only the adapters train."""
+    """Wrap `model` with LoRA adapters (DoRA: plus a magnitude vector per layer); only they train."""
     import peft
 
     targets = cfg.target_modules
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                           target_modules=targets, task_type="CAUSAL_LM", bias="none")
+                           target_modules=targets, task_type="CAUSAL_LM", bias="none",
+                           use_dora=cfg.use_dora)
     try:
         return peft.get_peft_model(model, lora)
     except ValueError as e:
