@@ -7,7 +7,7 @@ import pytest
 from tunelab.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-STAGES = ["pretrain", "dpo", "orpo", "kto", "reward", "grpo"]
+STAGES = ["pretrain", "dpo", "orpo", "kto", "reward", "grpo", "ppo"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -15,7 +15,7 @@ def test_stage_example_validates(stage, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(EXAMPLES / f"{stage}.yaml")
     assert cfg.stage == stage and Path(cfg.data.train).is_file()
-    if stage == "grpo":
+    if stage in ("grpo", "ppo"):
         from tunelab.training.stages.trl_stages import load_reward_function
 
         fn = load_reward_function(cfg.rl.reward_function)

@@ -179,15 +179,14 @@ def _validate_stage(cfg: RunConfig) -> list[str]:
                      "rl.reward_function (\"module:function\" or \"file.py:function\")")
         if rl.reward_function and ":" not in rl.reward_function:
             p.append(f"rl.reward_function={rl.reward_function!r} must look like module:function or file.py:function")
-        if rl.num_generations < 2:
+        if st == "grpo" and rl.num_generations < 2:
             p.append(f"rl.num_generations={rl.num_generations} must be >= 2 (completions are compared within a group)")
         _positive(p, "rl.max_new_tokens", rl.max_new_tokens)
         _positive(p, "rl.temperature", rl.temperature)
         if rl.beta < 0:
             p.append(f"rl.beta={rl.beta} must be >= 0")
     if st == "ppo":
-        p.append("stage ppo: TRL 1.16 no longer ships a PPO trainer; use stage: grpo, which takes the same "
-                 "rl.reward_model / rl.reward_function and needs no value model")
+        _positive(p, "rl.ppo_epochs", rl.ppo_epochs)
     return p
 
 

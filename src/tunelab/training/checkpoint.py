@@ -45,7 +45,8 @@ def save_weights(model, folder: Path, tokenizer=None) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
-                    keep: int, is_main: bool = True, rank: int = 0) -> Path:
+                    keep: int, is_main: bool = True, rank: int = 0, extra: "dict | None" = None) -> Path:
+    """`extra`: other modules' state dicts ({"value_head": ...}), stored in extra.safetensors."""
     final = step_dir(run_dir, step)
     if not is_main:
         return final
@@ -54,6 +55,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file({f"{name}.{k}": v.contiguous() for name, sd in extra.items() for k, v in sd.items()},
+                      tmp / "extra.safetensors")
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -83,6 +89,17 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, method: str, rank
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((folder / STATE).read_text())
+
+
+def load_extra(folder: Path) -> dict:
+    """The `extra` state dicts of a checkpoint, by name."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for key, value in load_file(Path(folder) / "extra.safetensors").items():
+        name, _, param = key.partition(".")
+        out.setdefault(name, {})[param] = value
+    return out
 
 
 def rng_state() -> dict:

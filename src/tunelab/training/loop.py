@@ -66,6 +66,10 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
 
     check_fits(cfg, force)  # a run predicted not to fit stops here, before any weight loads
     name = cfg.name or (Path(config).stem if isinstance(config, (str, Path)) else "run")
+    if cfg.stage == "ppo":  # TRL has no PPO trainer any more: ours
+        from tunelab.training.stages.ppo import train_ppo
+
+        return train_ppo(cfg, name, resume, quiet)
     if cfg.stage not in ("sft", "pretrain"):  # preference and RL stages run on TRL's trainers
         from tunelab.training.stages.trl_stages import train_trl
 

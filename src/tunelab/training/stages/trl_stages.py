@@ -1,4 +1,4 @@
-"""Stages dpo, orpo, kto, reward and grpo on TRL's trainers, behind tunelab's config and run layout.
+"""Stages dpo, orpo, kto, reward and grpo on TRL's trainers (ppo is ours: ppo.py), behind tunelab's config and run layout.
 
 Our config maps onto TRL's argument lists here and nowhere else (users never see them). The run
 directory is the SFT one: config.yaml, data_report.json, metrics.jsonl (a TrainerCallback writes
@@ -103,7 +103,8 @@ def train_trl(cfg: RunConfig, name: str, resume, quiet: bool):
 
 # --- run directory and resume ------------------------------------------------------------
 
-def _run_dir(cfg: RunConfig, name: str, resume) -> tuple[Path, Path | None]:
+def _run_dir(cfg: RunConfig, name: str, resume, find_checkpoint=None) -> tuple[Path, Path | None]:
+    """A new run directory, or the one to resume and its newest checkpoint (found by find_checkpoint)."""
     if not resume:
         return new_run_dir(cfg.output_dir, name), None
     run = Path(resume) if not isinstance(resume, bool) else last_run(cfg.output_dir, name)
@@ -111,7 +112,7 @@ def _run_dir(cfg: RunConfig, name: str, resume) -> tuple[Path, Path | None]:
         raise RunError(f"nothing to resume: no run named {name}-* in {cfg.output_dir}/; start one without --resume")
     if (run / "manifest.json").exists():
         raise RunError(f"{run} already finished; to train longer start a new run from its final/ weights")
-    found = latest_checkpoint(run)
+    found = (find_checkpoint or latest_checkpoint)(run)
     if found is None:
         raise RunError(f"{run} has no checkpoint yet (it stopped before the first save); start it again without --resume")
     old = load_config(run / "config.yaml")
