@@ -6,6 +6,7 @@ exactly from its next-token distribution: no sampling noise in the assertion.
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,20 @@ def test_ppo_lora_with_kl_resumes_to_the_same_weights(tmp_path, small_vocab_mode
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     kls = [json.loads(line)["kl"] for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert kls[0] == pytest.approx(0, abs=1e-5) and any(abs(k) > 1e-6 for k in kls[1:])  # starts at the reference
+
+
+def test_ppo_against_a_reward_model_folder(tmp_path, small_vocab_model):
+    """rl.reward_model: a sequence classifier scores prompt + answer (here an untrained one)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = tmp_path / "rm"
+    config = AutoConfig.from_pretrained(small_vocab_model, num_labels=1)
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(small_vocab_model).save_pretrained(rm_dir)
+    cfg = rl_config(tmp_path, small_vocab_model, "ppo", reward_function=None, reward_model=str(rm_dir),
+                    max_new_tokens=4, ppo_epochs=1)
+    cfg["train"].update(max_steps=2)
+    result = tunelab.train(cfg, quiet=True)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["reward"]) and math.isfinite(r["loss"]) for r in records)

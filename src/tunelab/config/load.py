@@ -182,6 +182,9 @@ def _validate_stage(cfg: RunConfig) -> list[str]:
         if st == "grpo" and rl.num_generations < 2:
             p.append(f"rl.num_generations={rl.num_generations} must be >= 2 (completions are compared within a group)")
         _positive(p, "rl.max_new_tokens", rl.max_new_tokens)
+        if rl.max_new_tokens >= cfg.data.max_seq_len:
+            p.append(f"rl.max_new_tokens={rl.max_new_tokens} leaves no room for the prompt in data.max_seq_len="
+                     f"{cfg.data.max_seq_len}; lower it or raise data.max_seq_len")
         _positive(p, "rl.temperature", rl.temperature)
         if rl.beta < 0:
             p.append(f"rl.beta={rl.beta} must be >= 0")

@@ -182,6 +182,9 @@ def reward_scorer(rl):
     from tunelab.training.stages.trl_stages import _rewards
 
     funcs, procs = _rewards(rl)
+    for proc in procs:
+        if proc is not None and proc.pad_token is None:
+            proc.pad_token = proc.eos_token
 
     def score(prompt_texts: list[str], completions: list[str], rows: list[dict]) -> torch.Tensor:
         total = torch.zeros(len(completions))
