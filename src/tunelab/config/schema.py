@@ -49,6 +49,9 @@ class DataConfig:
     """Drop exact duplicate training examples (they are always reported)."""
     limit: int | None = None
     """Use only the first N training examples (after the split); handy for a quick try."""
+    cache: bool = True
+    """Keep the tokenized examples in ~/.cache/tunelab/tokenized (or $TUNELAB_CACHE/tokenized), so
+    a later run on the same data, tokenizer and data settings skips tokenizing. false: always tokenize."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 
 from tunelab.config import RunConfig, config_to_dict, load_config, save_config
 from tunelab.data.batching import collate, epoch_order
+from tunelab.data.cache import cache_messages
 from tunelab.data.prepare import prepare_data, report_warnings
 from tunelab.errors import RunError
 from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads
@@ -110,6 +111,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
     if is_main:
         atomic_write_json(run_dir / "data_report.json", data.report)
+        for line in cache_messages(data.report):
+            info(line)
         for w in report_warnings(data.report):
             info(f"[yellow]warning:[/] {w}")
     model.train()
