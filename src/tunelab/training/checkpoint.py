@@ -2,7 +2,8 @@
 
 checkpoints/step-000200/
   adapter_model.safetensors + adapter_config.json   (lora)  or  model*.safetensors (full)
-  optimizer.pt, scheduler.pt, rng-<rank>.pt, trainer_state.json
+  optimizer.pt (not under FSDP/DeepSpeed: each process holds only a shard), scheduler.pt,
+  rng-<rank>.pt, trainer_state.json
 Each is written into a temporary folder that is renamed when complete, so a crash or Ctrl-C
 never leaves a half-written checkpoint behind.
 """
@@ -62,12 +63,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler, method: str, rank: int = 0) -> dict:
-    """Restore everything saved by save_checkpoint into live objects; return the trainer state."""
-    load_weights(folder, model, method)
-    return load_training_state(folder, optimizer, scheduler, rank)
 
 
 def load_weights(folder: Path, model, method: str) -> None:
