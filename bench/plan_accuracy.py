@@ -5,7 +5,8 @@ every example is longer than max_seq_len, so every micro batch is as large as th
 (micro_batch_size * max_seq_len tokens, answers only). Rows: a tiny random Llama and SmolLM2-135M;
 full, LoRA and (when this tunelab has it) QLoRA; two max_seq_len values. Target: within +-15%.
 
-usage: python bench/plan_accuracy.py [--steps 3] [--only smollm2|tiny] [--json out.json]
+usage: python bench/plan_accuracy.py [--steps 3] [--only smollm2|tiny] [--methods full,lora] [--seqs 256,1024]
+                                    [--optimizer adamw|adamw_8bit] [--json out.json]
 """
 
 import argparse
@@ -61,7 +62,7 @@ def worker(spec: dict) -> None:
            "train": {"max_steps": spec["steps"], "micro_batch_size": spec["mbs"], "grad_accum_steps": 1,
                      "learning_rate": 2e-4 if spec["method"] != "full" else 2e-5, "warmup_steps": 0,
                      "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": False,
-                     "gradient_checkpointing": spec.get("gc", False)}}
+                     "gradient_checkpointing": spec.get("gc", False), "optimizer": spec.get("optimizer", "adamw")}}
     t0 = time.time()
     tunelab.train(cfg, quiet=True, force=True)
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "after_import_mb": after_import,
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--methods", default=None, help="comma list, default full,lora(,qlora)")
     p.add_argument("--seqs", default="256,1024")
     p.add_argument("--mbs", type=int, default=2)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -110,7 +112,7 @@ def main() -> None:
     methods = a.methods.split(",") if a.methods else ["full", "lora"] + (["qlora"] if has_qlora() else [])
     jobs = [(name, ref, method, seq, a.mbs, {}) for name, ref in models.items() for method in methods
             for seq in [int(x) for x in a.seqs.split(",")]]
-    if not a.only or a.only == "smollm2":  # held-out settings: not used to calibrate the planner
+    if (not a.only or a.only == "smollm2") and not a.methods:  # held-out settings: not used to calibrate the planner
         smol = models.get("smollm2", "smollm2-135m-instruct")
         jobs += [("smollm2", smol, "lora", 512, 4, {"dropout": 0.05}),
                  ("smollm2", smol, "full", 1024, 2, {"gc": True})]
@@ -119,10 +121,10 @@ def main() -> None:
           f"{'error':>7}  s")
     for name, ref, method, seq, mbs, extra in jobs:
         spec = {"model": ref, "method": method, "seq": seq, "mbs": mbs, "steps": a.steps,
-                "data": str(data), "out": str(work / "runs"), **extra}
+                "data": str(data), "out": str(work / "runs"), "optimizer": a.optimizer, **extra}
         pred = tunelab.plan(model=ref, method=method, max_seq_len=seq, micro_batch_size=mbs, grad_accum_steps=1,
                             gradient_checkpointing=extra.get("gc", False), devices=[], timing=False,
-                            overrides=[f"lora.dropout={extra.get('dropout', 0.0)}"])
+                            overrides=[f"lora.dropout={extra.get('dropout', 0.0)}", f"train.optimizer={a.optimizer}"])
         got = measure(spec)
         tag = ",".join(f"{k}={v}" for k, v in extra.items())
         row = {"model": name, "method": method, "seq": seq, "mbs": mbs, "extra": tag,

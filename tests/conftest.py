@@ -15,6 +15,30 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.ge
 TOKENIZER_DIR = ASSETS / "smollm2_tokenizer"
 
 
+def _private_cache() -> None:
+    """Every tunelab cache of this test session (tokenized data above all: the code under test
+    decides what it holds) goes to a temporary folder, for this process and its subprocesses.
+    Only the dequantized GGUF models stay shared with the user's cache: a conversion takes ~20 s
+    and depends on the .gguf file alone."""
+    import atexit
+    import tempfile
+
+    if Path(os.environ.get("TUNELAB_CACHE", "")).name.startswith("tunelab-test-cache-"):
+        return  # set already (conftest imported a second time as tests.conftest, or a subprocess)
+    user = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+    private = Path(tempfile.mkdtemp(prefix="tunelab-test-cache-"))
+    try:
+        (user / "gguf").mkdir(parents=True, exist_ok=True)
+        (private / "gguf").symlink_to(user / "gguf", target_is_directory=True)
+    except OSError:
+        pass  # no writable home: the models are converted into the private folder instead
+    os.environ["TUNELAB_CACHE"] = str(private)
+    atexit.register(shutil.rmtree, private, True)  # rmtree unlinks the gguf link, never what it points to
+
+
+_private_cache()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

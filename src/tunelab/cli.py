@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     pl.add_argument("--lora-rank", type=int, default=None)
     pl.add_argument("--dtype", default=None, help="auto | bf16 | fp16 | fp32")
-    pl.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    pl.add_argument("--optimizer", default=None, choices=["adamw", "adamw_8bit"],
+                    help="default: the config's train.optimizer (adamw)")
     pl.add_argument("--device", default=None, help="judge for this named device first (default: this machine)")
     pl.add_argument("--devices", default=None, help="comma list of devices to compare (default: all; 'none')")
     pl.add_argument("--steps", type=int, default=None, help="optimizer steps, for the total time")

@@ -75,7 +75,9 @@ def physical_cores() -> int:
 
 
 def set_threads(n: int | None) -> int:
-    n = n or physical_cores()
+    """torch's CPU threads: n, else this machine's physical cores shared among the training processes
+    a launcher (torchrun, accelerate launch) started on it, so they do not fight over the same cores."""
+    n = n or max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(n)
     return n
 

@@ -7,6 +7,7 @@ one ConfigError, each with the key, the bad value and the fix.
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 STAGES = ("sft", "pretrain", "dpo", "orpo", "kto", "reward", "grpo", "ppo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 def load_config(source: "str | Path | dict | RunConfig | None" = None,
@@ -100,6 +102,10 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"model.quantization={m.quantization} with method=full: quantized weights cannot be "
                      "trained; use method=qlora (adapters on a quantized base) or drop model.quantization")
     _one_of(p, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+    _one_of(p, "train.optimizer", t.optimizer, OPTIMIZERS)
+    if t.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        p.append("train.optimizer=adamw_8bit needs the bitsandbytes package, which is not installed: "
+                 "pip install bitsandbytes (or use train.optimizer=adamw)")
     _one_of(p, "stage", cfg.stage, STAGES)
     if cfg.stage in ("sft", "pretrain"):
         _one_of(p, "data.format", d.format, ("auto", *FORMATS))

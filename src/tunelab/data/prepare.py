@@ -33,7 +33,14 @@ def length_stats(lengths: list[int]) -> dict:
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int, progress: bool = True) -> PreparedData:
-    """Load, split, check and encode the data a config names."""
+    """Load, split, check and encode the data a config names; from the tokenized cache when it
+    holds these inputs (`data.cache`, see data/cache.py). report["tokenized_cache"] says which."""
+    from tunelab.data.cache import cached_prepare
+
+    return cached_prepare(cfg, tokenizer, seed, "sft", lambda: _prepare(cfg, tokenizer, seed, progress))
+
+
+def _prepare(cfg: DataConfig, tokenizer, seed: int, progress: bool) -> PreparedData:
     examples, fmt = load_examples(cfg.train, cfg.format, cfg.columns or None, cfg.system_prompt)
     if cfg.validation:
         train_ex = examples

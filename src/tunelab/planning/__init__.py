@@ -78,7 +78,7 @@ class PlanResult:
 def plan(config_or_path=None, *, model: str | None = None, method: str | None = None,
          max_seq_len: int | None = None, micro_batch_size: int | None = None,
          grad_accum_steps: int | None = None, gradient_checkpointing: bool | None = None,
-         lora_rank: int | None = None, dtype: str | None = None, optimizer: str = "adamw",
+         lora_rank: int | None = None, dtype: str | None = None, optimizer: str | None = None,
          device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
          steps: int | None = None, overrides=None, timing: bool = True) -> PlanResult:
     """Predict peak memory and time of a training run, here and on named devices.
@@ -88,6 +88,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
             A config.json path (or its folder) is taken as `model`.
         model: alias, folder, .gguf, run dir, hub id, a config.json, or a known size ("7b", "70b").
         method: full | lora | qlora. Other keyword arguments override the config's values.
+        optimizer: adamw | adamw_8bit (default: the config's train.optimizer).
         device: a named device (see `tunelab.planning.DEVICES`) or "here"; the first verdict and
             the breakdown are for it. Default: this machine.
         devices: the other devices to judge (default: every named device; [] for none).
@@ -112,8 +113,8 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
               gradient_checkpointing=(cfg.train.gradient_checkpointing if gradient_checkpointing is None
                                       else gradient_checkpointing),
               lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
-              lora_dropout=cfg.lora.dropout, optimizer=optimizer)
-    _check(s, optimizer)
+              lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer)
+    _check(s, s.optimizer)
     arch = resolve_arch(model or cfg.model.ref)
     wanted_dtype = dtype or cfg.model.dtype
     steps = steps or cfg.train.max_steps
@@ -234,8 +235,8 @@ def _check(s: Setup, optimizer: str) -> None:
     problems = []
     if s.method not in METHODS:
         problems.append(f"method={s.method!r}: use one of {', '.join(METHODS)}")
-    if optimizer not in ("adamw", "adamw8bit"):
-        problems.append(f"optimizer={optimizer!r}: use adamw or adamw8bit")
+    if optimizer not in ("adamw", "adamw_8bit"):
+        problems.append(f"optimizer={optimizer!r}: use adamw or adamw_8bit")
     for key in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "lora_rank"):
         if getattr(s, key) < 1:
             problems.append(f"{key}={getattr(s, key)} must be >= 1")

@@ -30,6 +30,9 @@ CPU_HEAP_FACTOR = {"full": 1.63, "lora": 1.83, "qlora": 1.83}
 CPU_VOCAB_BYTES_PER_TOKEN = 2       # x vocab, per token of the micro batch: measured on a 4-layer and a
                                     # 30-layer model (the per-token growth that is not per layer)
 OPTIMIZER_STEP_TEMP = 0.6           # AdamW (foreach) temporaries, x fp32 gradient bytes, measured
+ADAMW_8BIT_BYTES = 2 + 2 * 4 / 256  # two uint8 moments, each with one fp32 scale per block of 256
+ADAMW_8BIT_CPU_TEMP = 20            # x the largest trained tensor's elements: bitsandbytes' CPU step
+                                    # dequantizes one tensor's moments to fp32 and works on fp32 copies
 LOGITS_BYTES_PER_CELL = 10          # per (row x vocab) of one loss chunk: bf16 logits, fp32 copy, softmax, grad
 GPU_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS workspace
 GPU_ALLOCATOR_FACTOR = 1.10         # caching allocator fragmentation
@@ -52,7 +55,7 @@ class Setup:
     lora_rank: int = 16
     lora_targets: "list[str] | str" = "all-linear"
     lora_dropout: float = 0.05
-    optimizer: str = "adamw"             # adamw | adamw8bit
+    optimizer: str = "adamw"             # adamw | adamw_8bit (train.optimizer)
     double_quant: bool = True
     answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
 
@@ -125,8 +128,13 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     w = weight_bytes(arch, s)
     adapters = 4.0 * n_train if s.method != "full" else 0.0  # fp32 adapters
     grads = 4.0 * n_train
-    opt = (8.0 if s.optimizer == "adamw" else 2.0) * n_train
-    step_temp = OPTIMIZER_STEP_TEMP * grads if (kind == "cpu" and s.optimizer == "adamw") else 0.0
+    opt = (8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
+    if kind != "cpu":
+        step_temp = 0.0  # fused CUDA kernels
+    elif s.optimizer == "adamw":
+        step_temp = OPTIMIZER_STEP_TEMP * grads
+    else:  # one tensor at a time; for full fine-tuning the largest is the embedding matrix
+        step_temp = ADAMW_8BIT_CPU_TEMP * (arch.vocab_size * arch.hidden_size if s.method == "full" else 0)
     low = s.compute_dtype != "fp32"
     copies = 2.0 * n_train if low else 0.0  # autocast's bf16 copy of each trained weight
     if s.method == "qlora":  # bitsandbytes dequantizes one weight at a time to bf16
@@ -153,7 +161,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
                "optimizer step temporaries": step_temp, "framework overhead": float(runtime)}
     b.notes = {
         "weights": _weights_note(arch, s),
-        "optimizer states": "AdamW: 2 fp32 moments" if s.optimizer == "adamw" else "8-bit AdamW: 2 x 1 byte",
+        "optimizer states": ("AdamW: 2 fp32 moments" if s.optimizer == "adamw"
+                             else "8-bit AdamW: 2 x 1 byte + block scales"),
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
                         + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")),

@@ -2,7 +2,8 @@
 
 checkpoints/step-000200/
   adapter_model.safetensors + adapter_config.json   (lora)  or  model*.safetensors (full)
-  optimizer.pt, scheduler.pt, rng-<rank>.pt, trainer_state.json
+  optimizer.pt (not under FSDP/DeepSpeed: each process holds only a shard), scheduler.pt,
+  rng-<rank>.pt, trainer_state.json
 Each is written into a temporary folder that is renamed when complete, so a crash or Ctrl-C
 never leaves a half-written checkpoint behind.
 """
@@ -37,22 +38,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_weights(model, folder: Path, tokenizer=None) -> None:
-    """Adapter (PEFT format) or full weights, as safetensors; plus the tokenizer if given."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_weights(model, folder: Path, tokenizer=None, state_dict: "dict | None" = None) -> None:
+    """Adapter (PEFT format) or full weights, as safetensors; plus the tokenizer if given.
+    `state_dict`: the weights gathered from every process when FSDP/ZeRO-3 shards them."""
+    model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
-                    keep: int, is_main: bool = True, rank: int = 0, extra: "dict | None" = None) -> Path:
-    """`extra`: other modules' state dicts ({"value_head": ...}), stored in extra.safetensors."""
+                    keep: int, is_main: bool = True, rank: int = 0, state_dict: "dict | None" = None,
+                    extra: "dict | None" = None) -> Path:
+    """Write checkpoints/step-N/ (main process only). `optimizer` None: its state is sharded across
+    processes (FSDP, DeepSpeed) and is left out. `extra`: other modules' state dicts
+    ({"value_head": ...}), stored in extra.safetensors."""
     final = step_dir(run_dir, step)
     if not is_main:
         return final
     with atomic_dir(final) as tmp:
-        save_weights(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_weights(model, tmp, state_dict=state_dict)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         if extra:
@@ -66,8 +72,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     return final
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, method: str, rank: int = 0) -> dict:
-    """Restore everything saved by save_checkpoint into live objects; return the trainer state."""
+def load_weights(folder: Path, model, method: str) -> None:
+    """The checkpoint's trainable weights into `model` (before accelerate wraps it, so that FSDP or
+    ZeRO-3 shard what was loaded)."""
     from safetensors.torch import load_file
 
     if method in ("lora", "qlora"):
@@ -83,7 +90,12 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, method: str, rank
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+
+
+def load_training_state(folder: Path, optimizer, scheduler, rank: int = 0) -> dict:
+    """Optimizer (None: leave it fresh), scheduler and this process's RNG; returns the trainer state."""
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng = folder / f"rng-{rank}.pt"
     if rng.is_file():

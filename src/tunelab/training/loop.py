@@ -20,6 +20,7 @@ import torch
 
 from tunelab.config import RunConfig, config_to_dict, load_config, save_config
 from tunelab.data.batching import collate, epoch_order
+from tunelab.data.cache import cache_messages
 from tunelab.data.prepare import prepare_data, report_warnings
 from tunelab.errors import RunError
 from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads
@@ -27,6 +28,7 @@ from tunelab.log import console, info
 from tunelab.runs import (append_metrics, atomic_write_json, environment_info, last_run, new_run_dir,
                           plot_losses, sha256_file, truncate_metrics, write_manifest)
 from tunelab.training import checkpoint as ckpt
+from tunelab.training import distributed
 from tunelab.training.loss import token_loss_sum
 from tunelab.training.optim import build_optimizer, build_scheduler
 
@@ -98,7 +100,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # A LoRA base never updates, so it loads straight in the compute dtype: half the memory, and
     # autocast stops re-casting every weight on every step. peft keeps the adapters in fp32.
     # A qlora base is 4-bit (bitsandbytes) and dequantizes to compute_dtype inside each matmul.
-    frozen_low = cfg.uses_adapter and compute_dtype != torch.float32
+    # FSDP2 shards the tensors of a layer together and wants one dtype there: fp32 base when sharded.
+    frozen_low = (cfg.uses_adapter and compute_dtype != torch.float32
+                  and not distributed.shards_parameters(accelerator))
     if cfg.stage == "pretrain":  # raw text, every token trained; maybe a new model and tokenizer
         from tunelab.training.stages.pretrain import setup_pretrain
 
@@ -114,6 +118,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
     if is_main:
         atomic_write_json(run_dir / "data_report.json", data.report)
+        for line in cache_messages(data.report):
+            info(line)
         for w in report_warnings(data.report):
             info(f"[yellow]warning:[/] {w}")
     model.train()
@@ -155,14 +161,20 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
              "tokens to train pays it back)")
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    if start_ckpt is not None:  # before prepare: FSDP and ZeRO-3 then shard the loaded weights
+        ckpt.load_weights(start_ckpt, model, cfg.method)
+    distributed.configure_deepspeed(accelerator, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
+    sharded_optimizer = distributed.shards_optimizer(accelerator)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0}
     if start_ckpt is not None:
-        state = ckpt.load_checkpoint(start_ckpt, accelerator.unwrap_model(model), optimizer, scheduler,
-                                     cfg.method, accelerator.process_index)
+        state = ckpt.load_training_state(start_ckpt, None if sharded_optimizer else optimizer, scheduler,
+                                         accelerator.process_index)
         if is_main:
             truncate_metrics(run_dir, state["step"])
-        info(f"resumed from {start_ckpt} (step {state['step']})")
+        info(f"resumed from {start_ckpt} (step {state['step']})"
+             + (f"; under {distributed.strategy(accelerator)} the optimizer's moments start again from zero"
+                if sharded_optimizer else ""))
 
     autocast = (torch.autocast(accelerator.device.type, dtype=compute_dtype)
                 if compute_dtype != torch.float32 else nullcontext())
@@ -215,7 +227,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                         with autocast:
                             loss_sum, _ = token_loss_sum(model, batch)
                         # DDP averages gradients over processes; scale so the result is sum / N_global
-                        accelerator.backward(loss_sum * world / max(n_targets, 1))
+                        accelerator.backward(loss_sum * (world * distributed.loss_scale(accelerator))
+                                             / max(n_targets, 1))
                     step_loss += loss_sum.item()
                     step_tokens += int(batch["input_ids"].numel() if cfg.train.packing else batch["attention_mask"].sum())
                 grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -262,6 +275,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     state["elapsed"] = time.time() - step_start  # now including the final evaluation, as eval_s does
     train_seconds = max(state["elapsed"] - state.get("eval_s", 0.0), 1e-9)
     final_dir = run_dir / "final"
+    gathered = distributed.full_state_dict(accelerator, model)  # all processes: a collective under FSDP/ZeRO-3
     if is_main:
         if val_after is not None:
             append_metrics(run_dir, _val_record(state["step"], val_after))
@@ -272,7 +286,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         from tunelab.runs import atomic_dir
 
         with atomic_dir(final_dir) as tmp:
-            ckpt.save_weights(accelerator.unwrap_model(model), tmp, tokenizer)
+            ckpt.save_weights(accelerator.unwrap_model(model), tmp, tokenizer, state_dict=gathered)
             if cfg.uses_adapter:
                 _point_adapter_at_ref(tmp, cfg.model.ref)
         plot_losses(run_dir)
@@ -352,9 +366,12 @@ def _val_record(step: int, val_loss: float) -> dict:
 
 
 def _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator) -> Path:
-    path = ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, state,
+    """Called on every process: gathering sharded weights needs them all; the main one writes."""
+    gathered = distributed.full_state_dict(accelerator, model)
+    path = ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model),
+                                None if distributed.shards_optimizer(accelerator) else optimizer, scheduler, state,
                                 keep=cfg.train.keep_checkpoints, is_main=accelerator.is_main_process,
-                                rank=accelerator.process_index)
+                                rank=accelerator.process_index, state_dict=gathered)
     accelerator.wait_for_everyone()
     return path
 

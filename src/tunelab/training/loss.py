@@ -1,5 +1,8 @@
 """Cross-entropy over answer tokens that never holds [answer tokens x vocabulary] logits at once.
 
+When the model's parameters are sharded (FSDP, DeepSpeed ZeRO-3) the head's weight is not whole
+outside its own forward, and the model applies the head itself (to answer positions only).
+
 The model runs with its output head swapped for identity, so it returns the final hidden states
 at the answer positions only (`logits_to_keep` as a boolean mask: prompt tokens never reach the
 head). The head is then applied CHUNK rows at a time under activation checkpointing: each
@@ -54,9 +57,17 @@ def _plain_head(model):
         return None
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get else None
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if type(head) is not torch.nn.Linear or head.bias is not None or not _whole_here(head.weight, head):
         return None
     return head
+
+
+def _whole_here(weight, head) -> bool:
+    """False when FSDP or DeepSpeed ZeRO-3 shards the weight: outside the module's own forward this
+    process then holds a piece (a DTensor, or an empty placeholder), so only the module can apply it."""
+    if hasattr(weight, "ds_id") or type(weight.data).__name__ == "DTensor":
+        return False
+    return tuple(weight.shape) == (head.out_features, head.in_features)
 
 
 @contextlib.contextmanager

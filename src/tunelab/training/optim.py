@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule (linear warmup, then cosine, linear or constant)."""
+"""AdamW (fp32 or 8-bit moments) and the learning-rate schedule (linear warmup, then cosine,
+linear or constant)."""
 
 import math
 
@@ -16,6 +17,15 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
         (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw_8bit":
+        # Dettmers et al. 2021, "8-bit Optimizers via Block-wise Quantization": both moments stored
+        # as uint8 with one fp32 scale per block of 256, dequantized per tensor inside the step.
+        # bitsandbytes keeps fp32 moments for tensors under 4096 elements (norms, biases, small
+        # adapters), where quantizing saves little and costs accuracy. It runs on CPUs too.
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   weight_decay=cfg.weight_decay)
     fused = torch.cuda.is_available()
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              **({"fused": True} if fused else {"foreach": True}))

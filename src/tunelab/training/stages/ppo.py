@@ -34,13 +34,12 @@ from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads
 from tunelab.log import info
 from tunelab.runs import append_metrics, atomic_dir, plot_losses, sha256_file, truncate_metrics, write_manifest
 from tunelab.training import checkpoint as ckpt
+from tunelab.training.optim import build_optimizer, build_scheduler
 
 CLIP_EPS, VF_CLIP, VF_COEF, GAMMA, LAM = 0.2, 0.2, 0.1, 1.0, 0.95
 
 
 def train_ppo(cfg: RunConfig, name: str, resume, quiet: bool):
-    from transformers import get_scheduler
-
     from tunelab.training.loop import TrainResult, _progress
     from tunelab.training.stages import trl_stages as ts
 
@@ -69,13 +68,9 @@ def train_ppo(cfg: RunConfig, name: str, resume, quiet: bool):
     t = cfg.train
     per_rollout = t.micro_batch_size * t.grad_accum_steps
     steps = t.max_steps or t.epochs * math.ceil(len(prompts) / per_rollout)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay)
-    updates = steps * cfg.rl.ppo_epochs
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(0.05 * updates)
-    scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=warmup, num_training_steps=updates)
+    # the same AdamW (or adamw_8bit) and schedule as SFT, over the policy's trainable weights and the value head
+    optimizer = build_optimizer(torch.nn.ModuleList([policy, value_head]), t)
+    scheduler = build_scheduler(optimizer, t, steps * cfg.rl.ppo_epochs)
     step = 0
     if start is not None:
         step = ckpt.load_checkpoint(start, policy, optimizer, scheduler, cfg.method)["step"]

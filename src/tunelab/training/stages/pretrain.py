@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from tunelab.config.schema import RunConfig
+from tunelab.data.cache import cached_prepare
 from tunelab.data.encode import encode_all
 from tunelab.data.formats import load_examples
 from tunelab.data.prepare import PreparedData, length_stats
@@ -57,7 +58,8 @@ def setup_pretrain(cfg: RunConfig, run_dir: Path, is_main: bool, progress: bool 
                                       trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
                                       quantization=cfg.base_quantization or "none",
                                       double_quant=cfg.model.double_quant)
-    data = prepare_text(cfg, train_ex, val_ex, tokenizer, progress)
+    data = cached_prepare(cfg.data, tokenizer, cfg.seed, "pretrain",
+                          lambda: prepare_text(cfg, train_ex, val_ex, tokenizer, progress))
     return model, tokenizer, data
 
 

@@ -1,0 +1,72 @@
+"""What the loop does differently when accelerate shards the model or the optimizer (FSDP, DeepSpeed).
+
+DDP (and a single process) keeps a whole model and a whole optimizer on every process, so the loop
+reads weights directly and the main process saves everything. FSDP and DeepSpeed ZeRO-3 split the
+parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the optimizer states:
+- parameters outside a forward pass are shards, so the loss lets the model apply its own output
+  head instead of tunelab's chunked head (training/loss.py);
+- saving gathers the full weights on every process first (a collective: all must call it);
+- each process's optimizer state is only its shard; checkpoints leave it out, and a resumed run
+  starts its moments from zero (weights, schedule, RNG and data position are restored);
+- DeepSpeed runs the optimizer step inside backward once every `gradient_accumulation_steps`
+  micro batches and divides each loss by that number itself, so it is told ours.
+Only DDP is tested here (2 CPU processes, tests/test_distributed.py); FSDP and DeepSpeed need GPUs.
+"""
+
+from tunelab.errors import RunError
+
+
+def strategy(accelerator) -> str:
+    """single | ddp | fsdp | deepspeed."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def shards_parameters(accelerator) -> bool:
+    kind = strategy(accelerator)
+    return kind == "fsdp" or (kind == "deepspeed" and _zero_stage(accelerator) == 3)
+
+
+def shards_optimizer(accelerator) -> bool:
+    return strategy(accelerator) in ("fsdp", "deepspeed")
+
+
+def configure_deepspeed(accelerator, train) -> None:
+    """Before `prepare`: DeepSpeed's micro batch, accumulation and clipping are the config's `train.*`
+    (there is no dataloader to read them from, and its step must fall on our step boundary)."""
+    if strategy(accelerator) != "deepspeed":
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ours = {"train_micro_batch_size_per_gpu": ("micro_batch_size", train.micro_batch_size),
+            "gradient_accumulation_steps": ("grad_accum_steps", train.grad_accum_steps),
+            "gradient_clipping": ("max_grad_norm", train.max_grad_norm)}
+    for key, (name, value) in ours.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise RunError(f"the DeepSpeed config sets {key}={ds[key]} but train.{name}={value}; remove {key} "
+                           f"from the accelerate/DeepSpeed config (tunelab sets it from train.{name})")
+        ds[key] = value
+    accelerator.gradient_accumulation_steps = train.grad_accum_steps
+
+
+def loss_scale(accelerator) -> int:
+    """DeepSpeed divides each micro batch's loss by its accumulation steps; undo that."""
+    return accelerator.gradient_accumulation_steps if strategy(accelerator) == "deepspeed" else 1
+
+
+def full_state_dict(accelerator, model) -> "dict | None":
+    """The whole model's weights, gathered from every process when they are sharded (call it on all
+    processes); None when each process already holds them all."""
+    if not shards_parameters(accelerator):
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def _zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
