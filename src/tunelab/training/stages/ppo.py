@@ -73,7 +73,8 @@ def train_ppo(cfg: RunConfig, name: str, resume, quiet: bool):
     scheduler = build_scheduler(optimizer, t, steps * cfg.rl.ppo_epochs)
     step = 0
     if start is not None:
-        step = ckpt.load_checkpoint(start, policy, optimizer, scheduler, cfg.method)["step"]
+        ckpt.load_weights(start, policy, cfg.method)
+        step = ckpt.load_training_state(start, optimizer, scheduler)["step"]
         value_head.load_state_dict(ckpt.load_extra(start)["value_head"])
         truncate_metrics(run_dir, step)
         info(f"resuming from {start} (step {step})")
