@@ -12,6 +12,11 @@ Names load on first use, so `import tunelab` (and `tunelab --help`) stays fast.
 """
 
 import importlib
+import logging
+
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes then warns on every CPU run
+# that an optional kernel package is missing (its plain CPU kernels work); users need not see that
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
