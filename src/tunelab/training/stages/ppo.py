@@ -129,8 +129,8 @@ def train_ppo(cfg: RunConfig, name: str, resume, quiet: bool):
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": round(train_seconds, 3),
         "peak_rss_mb": round(peak_rss_mb()), "processes": 1, "config": config_to_dict(cfg), **ts._environment()})
-    info(f"[green]done[/]: {final_dir} ({step} rollouts in {train_seconds:.0f}s, reward {first_reward} -> "
-         f"{last_reward}, peak RSS {peak_rss_mb():.0f} MB)")
+    rewards = f"reward {first_reward:.3f} -> {last_reward:.3f}, " if first_reward is not None else ""
+    info(f"[green]done[/]: {final_dir} ({step} rollouts in {train_seconds:.0f}s, {rewards}peak RSS {peak_rss_mb():.0f} MB)")
     return TrainResult(run_dir, final_dir, step, None, None)
 
 
