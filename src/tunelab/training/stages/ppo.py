@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tunelab.config import RunConfig, config_to_dict, save_config
 from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads
 from tunelab.log import info
-from tunelab.runs import append_metrics, atomic_dir, plot_losses, sha256_file, truncate_metrics, write_manifest
+from tunelab.runs import (append_metrics, atomic_dir, atomic_write_json, plot_losses, sha256_file, truncate_metrics,
+                          write_manifest)
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.optim import build_optimizer, build_scheduler
 
@@ -50,8 +51,6 @@ def train_ppo(cfg: RunConfig, name: str, resume, quiet: bool):
     started = time.time()
     compute_dtype = resolve_dtype(cfg.model.dtype, torch.device("cpu"))
     prompts, _, report = ts._data(cfg)
-    from tunelab.runs import atomic_write_json
-
     atomic_write_json(run_dir / "data_report.json", report)
     policy, tok = ts._model(cfg)
     if cfg.uses_adapter:
