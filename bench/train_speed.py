@@ -16,24 +16,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def matmul_peak_gflops(dtype_name: str = "bfloat16", n: int = 2048, seconds: float = 3.0) -> float:
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
 
 
 def flops_per_token(method: str, n_params: float, n_lora: float, layers: int, hidden: int, seq: float) -> float:
@@ -98,7 +83,11 @@ def main() -> None:
         rows = json.loads((shared / "data/instruction/llamafactory_alpaca_en_demo.json").read_text())
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    peak = matmul_peak_gflops()
+    import torch
+
+    from tunelab.planning.timing import matmul_tflops
+
+    peak = matmul_tflops(torch.bfloat16) * 1000  # GFLOP/s
     results = []
     for compiled in ("1", "0"):  # compiled first: it is the headline figure; eager for reference
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,

@@ -44,6 +44,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def train_until_first_checkpoint(config: dict) -> None:
+    """Start a run that dies right after writing its first checkpoint (as a crash or a killed job
+    would), so a test can then resume it."""
+    import tunelab
+    import tunelab.training.checkpoint as ckpt
+
+    class Crash(Exception):
+        pass
+
+    original = ckpt.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise Crash
+
+    ckpt.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Crash):
+            tunelab.train(config, quiet=True)
+    finally:
+        ckpt.save_checkpoint = original
+
+
 def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
     """A 2-layer random Llama (hidden 32) with SmolLM2's tokenizer saved beside it."""
     from transformers import LlamaConfig, LlamaForCausalLM

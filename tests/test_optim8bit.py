@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tunelab
+from conftest import train_until_first_checkpoint
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
 from tunelab.runs import read_metrics
@@ -41,23 +42,7 @@ def test_8bit_adamw_learns_like_adamw_with_a_quarter_of_the_state(tiny_config):
 def test_8bit_adamw_resumes_with_the_same_losses(tiny_config):
     base = full_config(tiny_config, "adamw_8bit", max_steps=6, save_every_n_steps=3)
     straight = losses(tunelab.train({**base, "name": "straight"}, quiet=True).run_dir)
-
-    class Stop(Exception):
-        pass
-
-    import tunelab.training.checkpoint as ckpt
-
-    original = ckpt.save_checkpoint
-
-    def save_then_die(*a, **k):
-        original(*a, **k)
-        raise Stop
-    ckpt.save_checkpoint = save_then_die
-    try:
-        with pytest.raises(Stop):
-            tunelab.train({**base, "name": "resumed"}, quiet=True)
-    finally:
-        ckpt.save_checkpoint = original
+    train_until_first_checkpoint({**base, "name": "resumed"})  # dies after its step-3 checkpoint
     result = tunelab.train({**base, "name": "resumed"}, resume=True, quiet=True)
     assert result.steps == 6
     # the quantized moments and their scales come back exactly; fresh moments would change step 4 on

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tunelab
+from conftest import train_until_first_checkpoint
 from tunelab.errors import DataError, RunError
 from tunelab.runs import read_metrics
 
@@ -70,24 +71,7 @@ def test_resume_continues_with_the_same_losses(tiny_config):
     base = {**tiny_config, "train": {**tiny_config["train"], "max_steps": 6, "save_every_n_steps": 3},
             "lora": {**tiny_config["lora"], "dropout": 0.1}}  # dropout: the RNG state must be restored too
     straight = losses(tunelab.train({**base, "name": "straight"}, quiet=True).run_dir)
-
-    class Stop(Exception):
-        pass
-
-    # a run that dies after its step-3 checkpoint (as a crash or a killed job would)
-    import tunelab.training.checkpoint as ckpt
-
-    original = ckpt.save_checkpoint
-
-    def save_then_die(*a, **k):
-        path = original(*a, **k)
-        raise Stop
-    ckpt.save_checkpoint = save_then_die
-    try:
-        with pytest.raises(Stop):
-            tunelab.train({**base, "name": "resumed"}, quiet=True)
-    finally:
-        ckpt.save_checkpoint = original
+    train_until_first_checkpoint({**base, "name": "resumed"})  # dies after its step-3 checkpoint
     result = tunelab.train({**base, "name": "resumed"}, resume=True, quiet=True)
     assert result.steps == 6
     assert losses(result.run_dir) == pytest.approx(straight, rel=1e-5)

@@ -92,7 +92,7 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rates = {"bf16": _matmul_tflops(torch.bfloat16, dev, seconds), "fp32": _matmul_tflops(torch.float32, dev, seconds),
+        rates = {"bf16": matmul_tflops(torch.bfloat16, dev, seconds), "fp32": matmul_tflops(torch.float32, dev, seconds),
                  "device": dev, "name": name, "measured": time.strftime("%Y-%m-%d %H:%M")}
     finally:
         torch.set_num_threads(old)
@@ -107,7 +107,8 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
     return rates
 
 
-def _matmul_tflops(dtype, dev: str, seconds: float, n: int = 2048) -> float:
+def matmul_tflops(dtype, dev: str = "cpu", seconds: float = 3.0, n: int = 2048) -> float:
+    """Measured rate of an n x n matmul in `dtype` on `dev`, in TFLOP/s (the peak MFU is taken against)."""
     import torch
 
     a = torch.randn(n, n, dtype=dtype, device=dev)

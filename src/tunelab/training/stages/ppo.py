@@ -209,12 +209,9 @@ def rollout(policy, ref, value_head, tok, rows: list[dict], score, cfg: RunConfi
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])  # left-padded for generation
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
-    use_cache = policy.config.use_cache
-    policy.config.use_cache = True
     with torch.no_grad(), autocast:
         out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=rl.temperature,
                               top_k=0, top_p=1.0, max_new_tokens=rl.max_new_tokens, pad_token_id=pad)
-    policy.config.use_cache = use_cache
     response = out[:, width:]
     mask = _until_first_stop(response, _stop_ids(tok))
     seq = torch.cat([ids, response], 1)
@@ -259,7 +256,7 @@ def forward(model, value_head, seq, attn, width: int, autocast):
     """Log-probabilities of the answer tokens (and the value before each, if value_head is given)."""
     positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: as generate() numbers positions
     with autocast:
-        out = model(input_ids=seq, attention_mask=attn, position_ids=positions,
+        out = model(input_ids=seq, attention_mask=attn, position_ids=positions, use_cache=False,
                     output_hidden_states=value_head is not None)
     logits = out.logits[:, width - 1:-1].float()  # position t predicts token t + 1
     logp = torch.gather(F.log_softmax(logits, -1), 2, seq[:, width:, None]).squeeze(-1)
@@ -294,12 +291,12 @@ def ppo_updates(policy, value_head, optimizer, scheduler, roll: dict, cfg: RunCo
     mb, n = cfg.train.micro_batch_size, roll["seq"].shape[0]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     logs = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+    tokens = max(float(roll["mask"].sum()), 1.0)  # every answer token of the rollout
     for _ in range(cfg.rl.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for i in range(0, n, mb):
             s = slice(i, i + mb)
             mask = roll["mask"][s].float()
-            tokens = max(float(roll["mask"].sum()), 1.0)
             logp, values = forward(policy, value_head, roll["seq"][s], roll["attn"][s], roll["width"], autocast)
             ratio = torch.exp(logp - roll["logp"][s])
             adv = roll["advantages"][s]
