@@ -70,8 +70,38 @@ def test_packed_attention_gradients_match_sdpa(tiny_model_dir):
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
-def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch):
-    """The chunked head + checkpointing changes memory, not numbers: same loss, same gradients."""
+@pytest.mark.parametrize("backward", ["eager", "compiled"])
+def test_packed_attention_op_matches_sdpa(backward, monkeypatch):
+    """The custom op used inside torch.compile: same output and gradients as SDPA example by example,
+    with grouped K/V heads (6 query heads on 2 K/V heads)."""
+    import torch.nn.functional as F
+
+    from tunelab.training import attention
+
+    if backward == "eager":
+        monkeypatch.setattr(attention, "_compiled_example_backward", lambda: attention._example_backward)
+    torch.manual_seed(0)
+    bounds = torch.tensor([0, 5, 12, 31], dtype=torch.int32)
+    q = torch.randn(1, 6, 31, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 31, 16, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(1, 6, 31, 16)
+    out, _ = torch.ops.tunelab.packed_attention(q, k, v, bounds, 0.3)
+    out.backward(grad_out)
+    ours = [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    cuts = bounds.tolist()
+    ref = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                    scale=0.3, enable_gqa=True) for a, b in zip(cuts, cuts[1:])], 2)
+    ref.backward(grad_out)
+    for mine, theirs in zip(ours, [ref.detach()] + [t.grad for t in (q, k, v)]):
+        assert torch.allclose(mine, theirs, atol=1e-5), (mine - theirs).abs().max()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch, compiled):
+    """The chunked head with its gradient made in forward changes memory, not numbers: same loss, same
+    gradients (the head is tied to the embeddings: both gradient paths must add up)."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +110,7 @@ def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(loss_mod, "CHUNK", 2)  # 6 targets -> 3 chunks
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     batch = collate_packed(_items())
-    chunked, n = loss_mod.token_loss_sum(model, batch)
+    chunked, n = loss_mod.token_loss_sum(model, batch, compiled)
     chunked.backward()
     g_chunked = model.model.embed_tokens.weight.grad.clone()  # tied to the head: both paths meet here
     model.zero_grad()

@@ -83,11 +83,11 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_config, monkeypatch):
     calls = {"n": 0}
     original = loop.token_loss_sum
 
-    def interrupt_on_third_step(model, batch):
+    def interrupt_on_third_step(model, batch, *args):
         calls["n"] += 1
         if calls["n"] == 2 * 2 + 1 + 2:  # 2 validation batches, then step 1 and 2 (2 micro each), then step 3
             raise KeyboardInterrupt
-        return original(model, batch)
+        return original(model, batch, *args)
     monkeypatch.setattr(loop, "token_loss_sum", interrupt_on_third_step)
     result = tunelab.train(tiny_config, quiet=True)
     assert result.interrupted and result.steps == 2

@@ -7,7 +7,17 @@ SmolLM2 LoRA step here). This function runs `scaled_dot_product_attention(is_cau
 each example's slice instead (its fast flash kernel, no mask), using the `cu_seq_lens_q`
 boundaries the collator passes, as flash-attn's varlen kernels do. Batches without those
 boundaries (padded batches, generation) fall through to transformers' own SDPA.
+
+Inside torch.compile, the same attention runs as one custom op instead:
+- the forward is the same CPU flash kernel, example by example, keeping its log-sum-exp;
+- the backward is our own: per example, recompute the scores with one bf16 matmul, softmax from
+  the saved log-sum-exp, then four more matmuls, with the elementwise work fused by torch.compile.
+  PyTorch's CPU flash backward takes ~10x its forward here; this takes ~half of it (bench/RESULTS.md).
+- being one opaque op, it lets torch.compile see the whole decoder as one graph: the per-example
+  loop (a .tolist() of the boundaries) otherwise breaks the graph in every layer.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +34,10 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if bounds is None or attention_mask is not None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    if torch.compiler.is_compiling() and not (dropout and module.training):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out, _ = torch.ops.tunelab.packed_attention(query, key, value, bounds, scale)
+        return out.transpose(1, 2).contiguous(), None
     gqa = key.shape[1] != query.shape[1]
     cuts = bounds.tolist()
     parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
@@ -31,6 +45,87 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
                                             enable_gqa=gqa)
              for a, b in zip(cuts[:-1], cuts[1:])]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+@torch.library.custom_op("tunelab::packed_attention", mutates_args=())
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each packed example. q [1, H, T, D]; k, v [1, KV, T, D] (KV divides H).
+    Returns the output [1, H, T, D] and the log-sum-exp of the scaled scores [1, H, T] (fp32)."""
+    outs, lses = [], []
+    cuts = bounds.tolist()
+    for a, b in zip(cuts[:-1], cuts[1:]):  # the CPU flash kernel takes grouped K/V heads as they are
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scale)[:2]
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+@packed_attention.register_fake
+def _(q, k, v, bounds, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tunelab::packed_attention_backward", mutates_args=())
+def packed_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake says
+    cuts = bounds.tolist()
+    backward = _compiled_example_backward()
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        dq[0, :, a:b], dk[0, :, a:b], dv[0, :, a:b] = backward(
+            grad_out[0, :, a:b], q[0, :, a:b], k[0, :, a:b], v[0, :, a:b], out[0, :, a:b], lse[0, :, a:b], scale)
+    return dq, dk, dv
+
+
+@packed_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, bounds, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _example_backward(grad_out, q, k, v, out, lse, scale: float):
+    """Gradients of causal attention for one example: q, out, grad_out [H, L, D], k, v [KV, L, D],
+    lse [H, L]. Query heads h use K/V head h // (H / KV), so grouping the queries by their K/V head
+    turns every product into one batched matmul of KV x (H / KV x L) rows."""
+    heads, n, d = q.shape
+    kv = k.shape[0]
+    g = heads // kv
+    qg, dog = q.reshape(kv, g * n, d), grad_out.reshape(kv, g * n, d)
+    i = torch.arange(n, device=q.device)
+    causal = i[:, None] >= i[None, :]
+    scores = torch.bmm(qg, k.transpose(1, 2)).float().view(kv, g, n, n) * scale
+    p = torch.where(causal, torch.exp(scores - lse.view(kv, g, n, 1)), 0.0)
+    dv = torch.bmm(p.to(q.dtype).view(kv, g * n, n).transpose(1, 2), dog)
+    dp = torch.bmm(dog, v.transpose(1, 2)).float().view(kv, g, n, n)
+    delta = (grad_out.float() * out.float()).sum(-1).view(kv, g, n, 1)
+    ds = (p * (dp - delta) * scale).to(q.dtype).view(kv, g * n, n)
+    dq = torch.bmm(ds, k).view(heads, n, d)
+    dk = torch.bmm(ds.transpose(1, 2), qg)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bounds, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bounds)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bounds = ctx.saved_tensors
+    dq, dk, dv = torch.ops.tunelab.packed_attention_backward(grad_out.contiguous(), q, k, v, out, lse, bounds,
+                                                             ctx.scale)
+    return dq, dk, dv, None, None
+
+
+packed_attention.register_autograd(_backward, setup_context=_setup_context)
+
+@functools.cache
+def _compiled_example_backward():
+    """_example_backward compiled once for every example length (dynamic shapes)."""
+    return torch.compile(_example_backward, dynamic=True)
 
 
 def _no_mask_when_packed(*args, attention_mask=None, **kwargs):

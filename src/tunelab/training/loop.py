@@ -155,7 +155,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     train_tokens = total_steps * effective * sum(len(e.input_ids) for e in data.train) / len(data.train)
     # auto leaves a bitsandbytes base eager: its custom 4/8-bit kernels break compiled graphs
     auto_compile = train_tokens >= AUTO_COMPILE_TOKENS and cfg.base_quantization is None
-    if cfg.train.compile or (cfg.train.compile is None and auto_compile):
+    compiled = bool(cfg.train.compile or (cfg.train.compile is None and auto_compile))
+    if compiled:
         compile_blocks(model)
         info(f"compiling the model with torch.compile (the first step takes longer; ~{train_tokens / 1e3:.0f}k "
              "tokens to train pays it back)")
@@ -225,7 +226,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                     last = k == len(mine) - 1
                     with (nullcontext() if last else accelerator.no_sync(model)):
                         with autocast:
-                            loss_sum, _ = token_loss_sum(model, batch)
+                            loss_sum, _ = token_loss_sum(model, batch, compiled)
                         # DDP averages gradients over processes; scale so the result is sum / N_global
                         accelerator.backward(loss_sum * (world * distributed.loss_scale(accelerator))
                                              / max(n_targets, 1))

@@ -5,25 +5,29 @@ outside its own forward, and the model applies the head itself (to answer positi
 
 The model runs with its output head swapped for identity, so it returns the final hidden states
 at the answer positions only (`logits_to_keep` as a boolean mask: prompt tokens never reach the
-head). The head is then applied CHUNK rows at a time under activation checkpointing: each
-chunk's logits are freed after its loss and recomputed in backward. With a 49k vocabulary and
-~1000 answer tokens per batch this removes most of the logits' memory (fp32 copy, softmax,
-gradient) for one extra head matmul.
+head). The head and the cross-entropy then run CHUNK rows at a time, and each chunk's gradient
+(softmax - one-hot, times the head) is computed right there in the forward pass, as Liger's fused
+linear cross-entropy does: the loss is a sum, so its gradient only needs scaling by the number
+backward brings. A chunk's logits are freed before the next one, nothing is recomputed in
+backward, and with a 49k vocabulary that is most of a step's memory and ~15% of its time saved
+(bench/RESULTS.md).
 """
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.encode import IGNORE
 
 CHUNK = 512
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropy over the answer tokens of a batch, and how many there are."""
+def token_loss_sum(model, batch: dict, compiled: bool = False) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over the answer tokens of a batch, and how many there are.
+    compiled: fuse the softmax and its gradient with torch.compile (the trainer passes it when it
+    compiles the model; it costs a few seconds once)."""
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
@@ -37,17 +41,58 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     with _identity(head):
         hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), CHUNK):
-        end = start + CHUNK
-        total = total + checkpoint(_chunk_loss, hidden[start:end], head.weight, targets[start:end],
-                                   use_reentrant=False)
-    return total, int(targets.numel())
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    kernel = _compiled_loss_and_grad() if compiled else _loss_and_grad
+    return LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, kernel), int(targets.numel())
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)), chunk by chunk, gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, loss_and_grad):
+        dtype = dtype or hidden.dtype  # the matmul dtype: autocast's, else the hidden states'
+        h, w = hidden.to(dtype), weight.to(dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), CHUNK):
+            rows = slice(start, start + CHUNK)
+            logits = h[rows] @ w.T
+            if not (want_h or want_w):
+                total += F.cross_entropy(logits.float(), targets[rows], reduction="sum")
+                continue
+            loss, grad_logits = loss_and_grad(logits, targets[rows])
+            total += loss
+            if want_h:
+                grad_h[rows] = grad_logits @ w
+            if want_w:
+                grad_w += grad_logits.T @ h[rows]  # a bf16 product under autocast, summed in fp32
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+
+
+def _loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of `logits` rows and its gradient, softmax - one-hot, in logits' dtype.
+    torch.compile fuses this into two passes over the logits."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = (lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    grad = torch.exp(x - lse).scatter_add(1, targets[:, None], x.new_full((len(targets), 1), -1.0))
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_loss_and_grad():
+    return torch.compile(_loss_and_grad, dynamic=True)
 
 
 def _plain_head(model):
