@@ -13,6 +13,15 @@ Names load on first use, so `import tunelab` (and `tunelab --help`) stays fast.
 
 import importlib
 import logging
+import os
+
+# oneDNN (PyTorch's CPU matmuls) caches a compiled kernel per matmul shape, 1024 of them by default
+# in each of two caches. Packed training rows change length every step, so every step adds ~60 new
+# shapes and a long run's memory grows by ~1 GB before the caches fill. 256 holds a step's shapes
+# at no measured speed cost (bench/RESULTS.md). Read when the first matmul runs; a user's own
+# setting wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
 
 # peft imports bitsandbytes whenever it is installed, and bitsandbytes then warns on every CPU run
 # that an optional kernel package is missing (its plain CPU kernels work); users need not see that

@@ -36,6 +36,10 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     if torch.compiler.is_compiling() and not (dropout and module.training):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        # a custom op is invisible to autocast: cast as autocast casts SDPA (rope leaves q, k in fp32
+        # when the weights are, while v comes out of the matmul in bf16)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out, _ = torch.ops.tunelab.packed_attention(query, key, value, bounds, scale)
         return out.transpose(1, 2).contiguous(), None
     gqa = key.shape[1] != query.shape[1]
