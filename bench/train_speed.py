@@ -3,8 +3,11 @@
 Model: SmolLM2-135M-Instruct as a plain HF folder (../shared/bench/make_smollm2_hf.py).
 Data: ../shared/data/instruction/llamafactory_alpaca_en_demo.json. LoRA rank 16, alpha 32,
 all-linear, dropout 0; 8 rows per optimizer step; max_seq_len 512; the same number of steps.
-Peers (../shared/bench/peer_hf_trainer.py): the HF Trainer recipe as documented (fp32 on a CPU),
-the same with bf16, TRL SFTTrainer with bf16 and padding-free packing.
+Peers (../shared/bench/peer_hf_trainer.py; for --method full, bench/peer_full_finetune.py, the same
+recipe without the adapter): the HF Trainer recipe as documented (fp32 on a CPU), the same with bf16,
+TRL SFTTrainer with bf16 and padding-free packing.
+tunelab runs three ways: compiled (the headline), eager, and compiled with data.train_on_prompt so
+that its loss is the peers' quantity (every token, not only the answers).
 Each runs in its own process (peak RSS is per process); the first step is not timed.
 
 usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tunelab] [--shared ../shared]
@@ -29,25 +32,29 @@ def flops_per_token(method: str, n_params: float, n_lora: float, layers: int, hi
     return base + 6 * layers * seq * hidden
 
 
-def tunelab_worker(model_dir: str, data: str, steps: int, method: str, compile: bool) -> None:
+VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token"}
+
+
+def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: str) -> None:
     import tunelab
     from tunelab.hardware import peak_rss_mb
     from tunelab.runs import read_metrics
 
     cfg = {"name": "bench", "output_dir": tempfile.mkdtemp(), "method": method, "seed": 0,
            "model": {"ref": model_dir},
-           "data": {"train": data, "format": "alpaca", "val_fraction": 0, "max_seq_len": 512},
+           "data": {"train": data, "format": "alpaca", "val_fraction": 0, "max_seq_len": 512,
+                    "train_on_prompt": variant == "all-tokens"},
            "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
            "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
                      "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
                      "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
-                     "compile": compile}}
+                     "compile": variant != "eager"}}
     result = tunelab.train(cfg, quiet=True)
     m = [r for r in read_metrics(result.run_dir) if "loss" in r]
     timed = m[1:]
     seconds = m[-1]["elapsed_s"] - m[0]["elapsed_s"]
     tokens = sum(r["tokens"] for r in timed)
-    print(json.dumps({"peer": f"tunelab {method}" + (" + compile" if compile else ""), "tokens": tokens, "seconds": seconds,
+    print(json.dumps({"peer": f"tunelab {method} {VARIANTS[variant]}", "tokens": tokens, "seconds": seconds,
                                      "tokens_per_s": tokens / seconds, "first_loss": m[0]["loss"],
                                      "last_loss": m[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
                                      "mean_seq": tokens / (8 * len(timed))}))
@@ -67,10 +74,10 @@ def main() -> None:
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--only", default=None, help="tunelab: skip the peers")
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
-    p.add_argument("--worker", nargs=3, metavar=("MODEL", "DATA", "COMPILE"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("MODEL", "DATA", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        return tunelab_worker(a.worker[0], a.worker[1], a.steps, a.method, a.worker[2] == "1")
+        return tunelab_worker(*a.worker[:2], a.steps, a.method, a.worker[2])
 
     shared = Path(a.shared)
     cache = HERE / ".cache"
@@ -89,12 +96,12 @@ def main() -> None:
 
     peak = matmul_tflops(torch.bfloat16) * 1000  # GFLOP/s
     results = []
-    for compiled in ("1", "0"):  # compiled first: it is the headline figure; eager for reference
+    for variant in VARIANTS:  # compiled first: it is the headline figure
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
-                            "--worker", str(model_dir), str(data), compiled]))
-        results[-1].setdefault("peer", f"tunelab {a.method}" + (" + compile" if compiled == "1" else ""))
-    if not a.only and a.method == "lora":
-        peer = str(shared / "bench/peer_hf_trainer.py")
+                            "--worker", str(model_dir), str(data), variant]))
+        results[-1].setdefault("peer", f"tunelab {a.method} {VARIANTS[variant]}")
+    if not a.only:
+        peer = str(shared / "bench/peer_hf_trainer.py") if a.method == "lora" else str(HERE / "peer_full_finetune.py")
         base = [sys.executable, peer, str(model_dir), str(data), "--steps", str(a.steps), "--batch", "8",
                 "--max-len", "512"]
         for name, extra in [("HF Trainer, documented (fp32)", []), ("HF Trainer + bf16", ["--bf16"]),
@@ -109,22 +116,22 @@ def main() -> None:
     n_params, n_lora = 134.5e6, 4.88e6
     print(f"\nbf16 matmul peak here: {peak:.0f} GFLOP/s; {a.steps} steps of 8 rows, first step untimed "
           "(it holds the one-time compile)\n")
-    head = f"{'setup':38} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
+    head = f"{'setup':48} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
     print(head)
     print("-" * len(head))
     ours = results[0].get("tokens_per_s")
     for r in results:
         if "error" in r:
-            print(f"{r['peer']:38} failed: {r['error'][:80]}")
+            print(f"{r['peer']:48} failed: {r['error'][:80]}")
             continue
         seq = r.get("mean_seq", 200)
         fpt = flops_per_token(a.method, n_params, n_lora, conf.num_hidden_layers, conf.hidden_size, seq / 2)
         mfu = r["tokens_per_s"] * fpt / (peak * 1e9)
         ratio = "" if r["peer"].startswith("tunelab") or not ours else f"{ours / r['tokens_per_s']:.2f}x"
-        print(f"{r['peer']:38} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f} "
+        print(f"{r['peer']:48} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f} "
               f"{r['first_loss']:8.3f} -> {r['last_loss']:6.3f} {mfu:6.1%} {ratio:>11}")
-    print("\nThe peers train on every token (prompt included); tunelab on answer tokens only (its default),\n"
-          "so their losses are not the same quantity. MFU counts 4N+6N_lora FLOPs/token for LoRA, 6N for full.")
+    print("\nThe peers train on every token (prompt included); tunelab by default on answer tokens only, so\n"
+          "compare losses with the 'loss on every token' row. MFU counts 4N+6N_lora FLOPs/token for LoRA, 6N for full.")
 
 
 if __name__ == "__main__":
