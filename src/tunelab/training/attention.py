@@ -12,7 +12,7 @@ Inside torch.compile, the same attention runs as one custom op instead:
 - the forward is the same CPU flash kernel, example by example, keeping its log-sum-exp;
 - the backward is our own: per example, recompute the scores with one bf16 matmul, softmax from
   the saved log-sum-exp, then four more matmuls, with the elementwise work fused by torch.compile.
-  PyTorch's CPU flash backward takes ~10x its forward here; this takes ~half of it (bench/RESULTS.md).
+  PyTorch's CPU flash backward takes ~9x its forward here; ours ~2/3 of its time (bench/RESULTS.md).
 - being one opaque op, it lets torch.compile see the whole decoder as one graph: the per-example
   loop (a .tolist() of the boundaries) otherwise breaks the graph in every layer.
 """
@@ -125,6 +125,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 packed_attention.register_autograd(_backward, setup_context=_setup_context)
+
 
 @functools.cache
 def _compiled_example_backward():
