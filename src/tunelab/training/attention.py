@@ -34,7 +34,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if bounds is None or attention_mask is not None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    if torch.compiler.is_compiling() and not (dropout and module.training):
+    # the op calls CPU kernels; on a GPU the SDPA loop below runs, compiled or not
+    if torch.compiler.is_compiling() and query.device.type == "cpu" and not (dropout and module.training):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         # a custom op is invisible to autocast: cast as autocast casts SDPA (rope leaves q, k in fp32
         # when the weights are, while v comes out of the matmul in bf16)
