@@ -29,7 +29,6 @@ CPU_MISC_BYTES = 30 * MiB           # tokenizer, encoded data, accelerate state
 CPU_HEAP_FACTOR = {"full": 1.63, "lora": 1.83, "qlora": 1.83}
 CPU_VOCAB_BYTES_PER_TOKEN = 2       # x vocab, per token of the micro batch: measured on a 4-layer and a
                                     # 30-layer model (the per-token growth that is not per layer)
-OPTIMIZER_STEP_TEMP = 0.6           # AdamW (foreach) temporaries, x fp32 gradient bytes, measured
 ADAMW_8BIT_BYTES = 2 + 2 * 4 / 256  # two uint8 moments, each with one fp32 scale per block of 256
 ADAMW_8BIT_CPU_TEMP = 20            # x the largest trained tensor's elements: bitsandbytes' CPU step
                                     # dequantizes one tensor's moments to fp32 and works on fp32 copies
@@ -129,10 +128,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     adapters = 4.0 * n_train if s.method != "full" else 0.0  # fp32 adapters
     grads = 4.0 * n_train
     opt = (8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
-    if kind != "cpu":
-        step_temp = 0.0  # fused CUDA kernels
-    elif s.optimizer == "adamw":
-        step_temp = OPTIMIZER_STEP_TEMP * grads
+    if s.optimizer == "adamw" or kind != "cpu":
+        step_temp = 0.0  # fused AdamW: updated in place, one tensor at a time
     else:  # one tensor at a time; for full fine-tuning the largest is the embedding matrix
         step_temp = ADAMW_8BIT_CPU_TEMP * (arch.vocab_size * arch.hidden_size if s.method == "full" else 0)
     low = s.compute_dtype != "fp32"

@@ -26,7 +26,7 @@ CHUNK = 512
 
 def token_loss_sum(model, batch: dict, compiled: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over the answer tokens of a batch, and how many there are.
-    compiled: fuse the softmax and its gradient with torch.compile (the trainer passes it when it
+    compiled: fuse each chunk's softmax and gradients with torch.compile (the trainer passes it when it
     compiles the model; it costs a few seconds once)."""
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -42,15 +42,15 @@ def token_loss_sum(model, batch: dict, compiled: bool = False) -> tuple[torch.Te
         hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     hidden = hidden.reshape(-1, hidden.shape[-1])
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-    kernel = _compiled_loss_and_grad() if compiled else _loss_and_grad
-    return LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, kernel), int(targets.numel())
+    chunk_fn = _compiled_chunk_loss_and_grads() if compiled else _chunk_loss_and_grads
+    return LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, chunk_fn), int(targets.numel())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T, targets)), chunk by chunk, gradients made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype, loss_and_grad):
+    def forward(ctx, hidden, weight, targets, dtype, chunk_loss_and_grads):
         dtype = dtype or hidden.dtype  # the matmul dtype: autocast's, else the hidden states'
         h, w = hidden.to(dtype), weight.to(dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -59,40 +59,44 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), CHUNK):
             rows = slice(start, start + CHUNK)
-            logits = h[rows] @ w.T
             if not (want_h or want_w):
-                total += F.cross_entropy(logits.float(), targets[rows], reduction="sum")
+                total += F.cross_entropy((h[rows] @ w.T).float(), targets[rows], reduction="sum")
                 continue
-            loss, grad_logits = loss_and_grad(logits, targets[rows])
+            loss, chunk_grad_h = chunk_loss_and_grads(h[rows], w, targets[rows], grad_w)
             total += loss
             if want_h:
-                grad_h[rows] = grad_logits @ w
-            if want_w:
-                grad_w += grad_logits.T @ h[rows]  # a bf16 product under autocast, summed in fp32
+                grad_h[rows] = chunk_grad_h
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+        grad_h, grad_w = ctx.saved_tensors  # scaled in place: a fresh 49k x hidden tensor costs more
+        return (grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None,
+                grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
 
 
-def _loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of `logits` rows and its gradient, softmax - one-hot, in logits' dtype.
-    torch.compile fuses this into two passes over the logits."""
+def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_w: "torch.Tensor | None"):
+    """Summed cross-entropy of the rows `h @ w.T` against `targets`, and the gradient for h; the
+    gradient for w is added to `grad_w` (fp32) in place. Gradients of the summed loss: the
+    logits' is softmax - one-hot. Compiled, the softmax is one fused kernel and the one-hot a
+    separate one-element-per-row update (a scatter inside the fused kernel made it twice as slow),
+    and the bf16 product is summed into grad_w without an fp32 copy (bench/RESULTS.md)."""
+    logits = h @ w.T
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    loss = (lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
-    grad = torch.exp(x - lse).scatter_add(1, targets[:, None], x.new_full((len(targets), 1), -1.0))
-    return loss, grad.to(logits.dtype)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    grad = torch.exp(x - lse[:, None]).to(logits.dtype)
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+    if grad_w is not None:
+        grad_w += grad.T @ h  # a bf16 product under autocast, summed in fp32
+    return loss, grad @ w
 
 
 @functools.cache
-def _compiled_loss_and_grad():
-    return torch.compile(_loss_and_grad, dynamic=True)
+def _compiled_chunk_loss_and_grads():
+    return torch.compile(_chunk_loss_and_grads, dynamic=True)
 
 
 def _plain_head(model):
