@@ -7,7 +7,8 @@ Peers (../shared/bench/peer_hf_trainer.py; for --method full, bench/peer_full_fi
 recipe without the adapter): the HF Trainer recipe as documented (fp32 on a CPU), the same with bf16,
 TRL SFTTrainer with bf16 and padding-free packing.
 tunelab runs three ways: compiled (the headline), eager, and compiled with data.train_on_prompt so
-that its loss is the peers' quantity (every token, not only the answers).
+that its loss is the peers' quantity (every token, not only the answers); with --method full also
+compiled with 8-bit AdamW (bitsandbytes), the memory-saving option.
 Each runs in its own process (peak RSS is per process); the first step is not timed.
 
 usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tunelab] [--shared ../shared]
@@ -32,7 +33,12 @@ def flops_per_token(method: str, n_params: float, n_lora: float, layers: int, hi
     return base + 6 * layers * seq * hidden
 
 
-VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token"}
+VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
+            "adamw-8bit": "+ compile, 8-bit AdamW"}  # the last for --method full only
+
+
+def variants(method: str) -> list[str]:
+    return [v for v in VARIANTS if method == "full" or v != "adamw-8bit"]
 
 
 def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: str) -> None:
@@ -48,7 +54,8 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
            "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
                      "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
                      "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
-                     "compile": variant != "eager"}}
+                     "compile": variant != "eager",
+                     "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw"}}
     result = tunelab.train(cfg, quiet=True)
     m = [r for r in read_metrics(result.run_dir) if "loss" in r]
     timed = m[1:]
@@ -96,7 +103,7 @@ def main() -> None:
 
     peak = matmul_tflops(torch.bfloat16) * 1000  # GFLOP/s
     results = []
-    for variant in VARIANTS:  # compiled first: it is the headline figure
+    for variant in variants(a.method):  # compiled first: it is the headline figure
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
                             "--worker", str(model_dir), str(data), variant]))
         results[-1].setdefault("peer", f"tunelab {a.method} {VARIANTS[variant]}")
