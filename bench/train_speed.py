@@ -34,11 +34,12 @@ def flops_per_token(method: str, n_params: float, n_lora: float, layers: int, hi
 
 
 VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
-            "adamw-8bit": "+ compile, 8-bit AdamW"}  # the last for --method full only
+            "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights"}
+FULL_ONLY = ("adamw-8bit", "bf16-weights")  # options of full fine-tuning's optimizer and weights
 
 
 def variants(method: str) -> list[str]:
-    return [v for v in VARIANTS if method == "full" or v != "adamw-8bit"]
+    return [v for v in VARIANTS if method == "full" or v not in FULL_ONLY]
 
 
 def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: str) -> None:
@@ -55,7 +56,8 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
                      "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
                      "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
                      "compile": variant != "eager",
-                     "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw"}}
+                     "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw",
+                     "weight_dtype": "bf16" if variant == "bf16-weights" else "fp32"}}
     result = tunelab.train(cfg, quiet=True)
     m = [r for r in read_metrics(result.run_dir) if "loss" in r]
     timed = m[1:]

@@ -164,8 +164,11 @@ def test_verdicts_and_the_cheapest_change():
     a100 = get_device("a100-80gb")
     full = Setup(method="full", max_seq_len=1024, micro_batch_size=1, compute_dtype="bf16")
     assert judge(arch, full, a100, timing=False).status == "does not fit"
-    advice = advise(arch, full, a100)
-    assert "method=lora" in advice[0] and "micro_batch_size" not in advice[0]
+    advice = advise(arch, full, a100)  # 16 bytes a weight: 112 GB; bf16 weights and AdamW: 8 bytes
+    assert advice[0].startswith("train.weight_dtype=bf16") and "micro_batch_size" not in advice[0]
+    assert judge(arch, replace(full, weight_dtype="bf16"), a100, timing=False).fits
+    advice = advise(from_table("13b"), full, a100)  # 8 bytes a weight is 104 GB: adapters instead
+    assert "method=lora" in advice[0] and "weight_dtype" not in advice[0]
 
     big_batch = Setup(method="lora", max_seq_len=1024, micro_batch_size=16, grad_accum_steps=1, compute_dtype="bf16")
     v = judge(arch, big_batch, a100, timing=False)

@@ -25,6 +25,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 STAGES = ("sft", "pretrain", "dpo", "orpo", "kto", "reward", "grpo", "ppo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 OPTIMIZERS = ("adamw", "adamw_8bit")
+WEIGHT_DTYPES = ("fp32", "bf16")
 
 
 def load_config(source: "str | Path | dict | RunConfig | None" = None,
@@ -106,6 +107,17 @@ def validate(cfg: RunConfig) -> list[str]:
     if t.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         p.append("train.optimizer=adamw_8bit needs the bitsandbytes package, which is not installed: "
                  "pip install bitsandbytes (or use train.optimizer=adamw)")
+    _one_of(p, "train.weight_dtype", t.weight_dtype, WEIGHT_DTYPES)
+    if t.weight_dtype == "bf16":
+        if cfg.method != "full":
+            p.append(f"train.weight_dtype=bf16 with method={cfg.method}: it is for full fine-tuning (adapters are "
+                     "small and train in fp32); drop train.weight_dtype")
+        if t.optimizer != "adamw":
+            p.append(f"train.weight_dtype=bf16 with train.optimizer={t.optimizer}: bf16 weights need tunelab's "
+                     "AdamW, which rounds each update stochastically; use train.optimizer=adamw")
+        if cfg.stage not in ("sft", "pretrain"):
+            p.append(f"train.weight_dtype=bf16 with stage={cfg.stage}: only the sft and pretrain stages train bf16 "
+                     "weights (the others keep fp32 master weights); use train.weight_dtype=fp32")
     _one_of(p, "stage", cfg.stage, STAGES)
     if cfg.stage in ("sft", "pretrain"):
         _one_of(p, "data.format", d.format, ("auto", *FORMATS))

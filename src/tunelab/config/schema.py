@@ -88,6 +88,11 @@ class TrainConfig:
     optimizer: str = "adamw"
     """adamw | adamw_8bit. adamw_8bit (bitsandbytes) keeps AdamW's two moments in 8 bits (2 bytes per
     trained parameter instead of 8): for full fine-tuning that is 6 bytes per parameter less memory."""
+    weight_dtype: str = "fp32"
+    """fp32 | bf16: the dtype of the weights that full fine-tuning trains. fp32: master weights and
+    fp32 AdamW moments, matmuls in model.dtype under autocast (16 bytes per parameter with the
+    gradient). bf16: weights, gradients and moments in bf16 (8 bytes per parameter), each update
+    rounded stochastically so that small steps still count; ~900 MB less for a 135M model."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9

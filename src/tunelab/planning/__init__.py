@@ -113,7 +113,8 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
               gradient_checkpointing=(cfg.train.gradient_checkpointing if gradient_checkpointing is None
                                       else gradient_checkpointing),
               lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
-              lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer)
+              lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer,
+              weight_dtype=cfg.train.weight_dtype)
     _check(s, s.optimizer)
     arch = resolve_arch(model or cfg.model.ref)
     wanted_dtype = dtype or cfg.model.dtype
@@ -146,7 +147,8 @@ def advise(arch: Arch, s: Setup, dev: Device) -> list[str]:
     """The cheapest change that makes the run fit on `dev`, as config settings.
 
     Changes in order of cost: what leaves the result unchanged first (smaller micro batch with
-    more accumulation, gradient checkpointing), then what changes the method (LoRA, then QLoRA),
+    more accumulation, gradient checkpointing), then bf16 weights for full fine-tuning (rounded
+    updates, nearly the same result), then what changes the method (LoRA, then QLoRA),
     then shorter sequences. The first single change that fits wins; else the changes are added in
     that order until it fits, and any that turn out not to be needed are dropped."""
     return [_fix_text(arch, s, dev, long=True)] if _fix(arch, s, dev) is not None else [_no_fix(arch, s, dev)]
@@ -171,6 +173,9 @@ def _candidates(arch: Arch, s: Setup, dev: Device) -> list[tuple[str, str, dict]
     if not s.gradient_checkpointing:
         out.append(("grad ckpt", "train.gradient_checkpointing=true (same result, ~30% slower)",
                     {"gradient_checkpointing": True}))
+    if s.method == "full" and s.weight_dtype == "fp32":
+        out.append(("bf16 weights", "train.weight_dtype=bf16 (weights, gradients and AdamW in bf16 with stochastic "
+                    "rounding: half their memory)", {"weight_dtype": "bf16"}))
     if s.method == "full":
         out.append(("lora", "method=lora (adapters on a frozen base)", {"method": "lora"}))
     if s.method in ("full", "lora"):

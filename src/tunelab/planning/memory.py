@@ -3,6 +3,7 @@
 Facts of the loop that the terms follow (each measured here, see bench/plan_accuracy.py):
 - full: fp32 master weights, matmuls in bf16 under autocast; autocast keeps a bf16 copy of every
   weight from the forward to the backward (2 bytes/param); AdamW keeps two fp32 moments.
+  With train.weight_dtype bf16: weights, gradients and both moments are bf16, and no copies.
 - lora: the frozen base is loaded in the compute dtype (bf16: 2 bytes/param); adapters, their
   gradients and moments are fp32. qlora: the base's linear layers in 4-bit nf4.
 - the loss never holds [tokens x vocab] logits: the head runs CHUNK (512) answer rows at a time,
@@ -55,6 +56,7 @@ class Setup:
     lora_targets: "list[str] | str" = "all-linear"
     lora_dropout: float = 0.05
     optimizer: str = "adamw"             # adamw | adamw_8bit (train.optimizer)
+    weight_dtype: str = "fp32"           # fp32 | bf16 (train.weight_dtype): full fine-tuning's trained weights
     double_quant: bool = True
     answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
 
@@ -77,7 +79,7 @@ class Breakdown:
 def weight_bytes(arch: Arch, s: Setup) -> float:
     n = arch.n_params
     if s.method == "full":
-        return 4.0 * n  # fp32 master weights (the optimizer updates these)
+        return 4.0 * n if s.weight_dtype == "fp32" else 2.0 * n  # the weights the optimizer updates
     if s.method == "qlora":
         const = QUANT_CONST_DQ_BYTES if s.double_quant else QUANT_CONST_BYTES
         rest = arch.embedding_params + arch.norm_params  # embeddings, head and norms stay in bf16
@@ -93,7 +95,9 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
     """Bytes autograd saves per token in one decoder layer (see the module docstring)."""
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
     low = s.compute_dtype != "fp32"
-    if s.method == "full":
+    if s.method == "full" and s.weight_dtype == "bf16":  # bf16 all through, as a LoRA base
+        per = 20 * h + 6 * q + 4 * kv + 8 * i
+    elif s.method == "full":
         per = (26 * h + 6 * q + 4 * kv + 8 * i) if low else (24 * h + 12 * q + 8 * kv + 16 * i)
     else:
         per = (20 * h + 6 * q + 4 * kv + 8 * i) if low else (40 * h + 12 * q + 8 * kv + 16 * i)
@@ -106,7 +110,8 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
 def activations(arch: Arch, s: Setup) -> float:
     t = s.tokens
     per_layer = activation_bytes_per_token_layer(arch, s)
-    residual = 4 * arch.hidden_size if s.method == "full" or s.compute_dtype == "fp32" else 2 * arch.hidden_size
+    fp32_residual = (s.method == "full" and s.weight_dtype == "fp32") or s.compute_dtype == "fp32"
+    residual = 4 * arch.hidden_size if fp32_residual else 2 * arch.hidden_size
     if s.gradient_checkpointing:
         # each layer keeps only its input; one layer's activations exist again during its recompute
         body = t * (arch.num_layers * residual + per_layer)
@@ -126,14 +131,15 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     n_train = trainable_params(arch, s)
     w = weight_bytes(arch, s)
     adapters = 4.0 * n_train if s.method != "full" else 0.0  # fp32 adapters
-    grads = 4.0 * n_train
-    opt = (8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
+    bf16_weights = s.method == "full" and s.weight_dtype == "bf16"
+    grads = (2.0 if bf16_weights else 4.0) * n_train
+    opt = (4.0 if bf16_weights else 8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
     if s.optimizer == "adamw" or kind != "cpu":
         step_temp = 0.0  # fused AdamW: updated in place, one tensor at a time
     else:  # one tensor at a time; for full fine-tuning the largest is the embedding matrix
         step_temp = ADAMW_8BIT_CPU_TEMP * (arch.vocab_size * arch.hidden_size if s.method == "full" else 0)
     low = s.compute_dtype != "fp32"
-    copies = 2.0 * n_train if low else 0.0  # autocast's bf16 copy of each trained weight
+    copies = 2.0 * n_train if low and not bf16_weights else 0.0  # autocast's bf16 copy of each trained weight
     if s.method == "qlora":  # bitsandbytes dequantizes one weight at a time to bf16
         copies += 2.0 * max(a * b for a, b in arch.linears().values())
     act_live = activations(arch, s)
@@ -158,7 +164,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
                "optimizer step temporaries": step_temp, "framework overhead": float(runtime)}
     b.notes = {
         "weights": _weights_note(arch, s),
-        "optimizer states": ("AdamW: 2 fp32 moments" if s.optimizer == "adamw"
+        "optimizer states": ("AdamW: 2 bf16 moments, stochastic rounding" if bf16_weights
+                             else "AdamW: 2 fp32 moments" if s.optimizer == "adamw"
                              else "8-bit AdamW: 2 x 1 byte + block scales"),
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
@@ -173,7 +180,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
 
 def _weights_note(arch: Arch, s: Setup) -> str:
     if s.method == "full":
-        return f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32 master)"
+        return (f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32 master)" if s.weight_dtype == "fp32"
+                else f"{arch.n_params / 1e9:.2f}B params x 2 bytes (bf16, updated with stochastic rounding)")
     if s.method == "qlora":
         return (f"{arch.linear_params / 1e9:.2f}B in nf4 ({NF4_BYTES} byte + constants"
                 f"{', double-quantized' if s.double_quant else ''}), embeddings/norms bf16")

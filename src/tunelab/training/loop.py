@@ -103,17 +103,25 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # FSDP2 shards the tensors of a layer together and wants one dtype there: fp32 base when sharded.
     frozen_low = (cfg.uses_adapter and compute_dtype != torch.float32
                   and not distributed.shards_parameters(accelerator))
+    # train.weight_dtype bf16: full fine-tuning's weights are bf16 themselves (AdamWBf16 updates them)
+    bf16_weights = cfg.train.weight_dtype == "bf16"
+    if bf16_weights and distributed.shards_optimizer(accelerator):
+        raise RunError(f"train.weight_dtype=bf16 under {distributed.strategy(accelerator)}: sharded runs keep "
+                       "fp32 master weights; use train.weight_dtype=fp32 there")
+    load_dtype = "bf16" if bf16_weights else dtype_name(compute_dtype) if frozen_low else "fp32"
     if cfg.stage == "pretrain":  # raw text, every token trained; maybe a new model and tokenizer
         from tunelab.training.stages.pretrain import setup_pretrain
 
         model, tokenizer, data = setup_pretrain(cfg, run_dir, is_main, progress=is_main)
     else:
-        model, tokenizer = load_model(cfg.model.ref, dtype=dtype_name(compute_dtype) if frozen_low else "fp32",
+        model, tokenizer = load_model(cfg.model.ref, dtype=load_dtype,
                                       device="cpu", chat_template=cfg.model.chat_template,
                                       trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
                                       quantization=cfg.base_quantization or "none",
                                       double_quant=cfg.model.double_quant)
         data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
+    if bf16_weights:
+        model.to(torch.bfloat16)  # a pretraining model starts in fp32
     if not data.train:
         raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
     if is_main:
@@ -160,7 +168,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         compile_blocks(model)
         info(f"compiling the model with torch.compile (the first step takes longer; ~{train_tokens / 1e3:.0f}k "
              "tokens to train pays it back)")
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, compiled)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     if start_ckpt is not None:  # before prepare: FSDP and ZeRO-3 then shard the loaded weights
         ckpt.load_weights(start_ckpt, model, cfg.method)
@@ -232,8 +240,12 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                                              / max(n_targets, 1))
                     step_loss += loss_sum.item()
                     step_tokens += int(batch["input_ids"].numel() if cfg.train.packing else batch["attention_mask"].sum())
-                grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                             if cfg.train.max_grad_norm > 0 else None)
+                if cfg.train.max_grad_norm <= 0:
+                    grad_norm = None
+                elif bf16_weights:  # AdamWBf16 scales the gradients inside its update
+                    grad_norm = optimizer.optimizer.clip_grad_norm_(cfg.train.max_grad_norm)
+                else:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

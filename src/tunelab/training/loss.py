@@ -55,7 +55,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        # summed in fp32 for fp32 (master) weights; bf16 weights take a bf16 sum of the few chunks
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, dtype)) if want_w else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), CHUNK):
             rows = slice(start, start + CHUNK)
@@ -79,7 +80,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_w: "torch.Tensor | None"):
     """Summed cross-entropy of the rows `h @ w.T` against `targets`, and the gradient for h; the
-    gradient for w is added to `grad_w` (fp32) in place. Gradients of the summed loss: the
+    gradient for w is added to `grad_w` in place. Gradients of the summed loss: the
     logits' is softmax - one-hot. Compiled, the softmax is one fused kernel and the one-hot a
     separate one-element-per-row update (a scatter inside the fused kernel made it twice as slow),
     and the bf16 product is summed into grad_w without an fp32 copy (bench/RESULTS.md)."""
@@ -90,7 +91,7 @@ def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tenso
     grad = torch.exp(x - lse[:, None]).to(logits.dtype)
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
     if grad_w is not None:
-        grad_w += grad.T @ h  # a bf16 product under autocast, summed in fp32
+        grad_w += grad.T @ h  # a bf16 product under autocast, summed in grad_w's dtype
     return loss, grad @ w
 
 
