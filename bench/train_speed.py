@@ -141,6 +141,22 @@ def main() -> None:
               f"{r['first_loss']:8.3f} -> {r['last_loss']:6.3f} {mfu:6.1%} {ratio:>11}")
     print("\nThe peers train on every token (prompt included); tunelab by default on answer tokens only, so\n"
           "compare losses with the 'loss on every token' row. MFU counts 4N+6N_lora FLOPs/token for LoRA, 6N for full.")
+    print_targets(results)
+
+
+def print_targets(results: list[dict]) -> None:
+    """Each tunelab row against the issue's targets: 5x the documented recipe's tokens/s, 1.5x the
+    best peer's, at most 1/4 of the documented recipe's peak RSS."""
+    peers = [r for r in results if not r["peer"].startswith("tunelab") and "error" not in r]
+    documented = next((r for r in peers if "documented" in r["peer"]), None)
+    if documented is None:
+        return
+    best = max(r["tokens_per_s"] for r in peers)
+    print("\nagainst the targets (5x the documented recipe, 1.5x the best peer, <= 25% of its peak RSS):")
+    for r in results:
+        if r["peer"].startswith("tunelab") and "error" not in r:
+            print(f"  {r['peer']:46} {r['tokens_per_s'] / documented['tokens_per_s']:5.2f}x "
+                  f"{r['tokens_per_s'] / best:5.2f}x {r['peak_rss_mb'] / documented['peak_rss_mb']:6.1%}")
 
 
 if __name__ == "__main__":
