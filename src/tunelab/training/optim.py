@@ -38,8 +38,8 @@ def build_optimizer(model, cfg: TrainConfig, compiled: bool = False) -> torch.op
 
 
 class AdamWBf16(torch.optim.Optimizer):
-    """AdamW for bf16 weights, with bf16 moments: 4 bytes of weight and state per parameter
-    where fp32 master weights and moments take 12, and bf16 gradients take 2 bytes instead of 4.
+    """AdamW for bf16 weights, with bf16 moments: 6 bytes of weight and state per parameter where
+    fp32 master weights and moments take 12, and the gradients are bf16 too (2 bytes instead of 4).
 
     The update is computed in fp32, and the new weight and moments are rounded to bf16
     stochastically: up or down with probabilities by distance, so the rounding is unbiased. Round to
