@@ -168,7 +168,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         compile_blocks(model)
         info(f"compiling the model with torch.compile (the first step takes longer; ~{train_tokens / 1e3:.0f}k "
              "tokens to train pays it back)")
-    optimizer = build_optimizer(model, cfg.train, compiled)
+    optimizer = build_optimizer(model, cfg.train, compiled, cfg.seed)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     if start_ckpt is not None:  # before prepare: FSDP and ZeRO-3 then shard the loaded weights
         ckpt.load_weights(start_ckpt, model, cfg.method)
