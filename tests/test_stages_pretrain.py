@@ -37,6 +37,16 @@ def test_from_scratch_trains_tokenizer_and_lowers_validation_loss(tmp_path):
     assert tokenizer.decode(tokenizer("Prince Andrew")["input_ids"]) == "Prince Andrew"  # byte-level round trip
 
 
+def test_from_scratch_with_bf16_weights_lowers_validation_loss(tmp_path):
+    """The new model starts in fp32; train.weight_dtype bf16 trains (and saves) it in bf16."""
+    cfg = _cfg(tmp_path, pretrain={"from_scratch": "llama-tiny", "vocab_size": 600}, train={"weight_dtype": "bf16"})
+    result = tunelab.train(cfg, quiet=True)
+    assert result.val_loss_after < result.val_loss_before - 0.5, (result.val_loss_before, result.val_loss_after)
+    from safetensors.torch import load_file
+
+    assert {str(t.dtype) for t in load_file(result.run_dir / "final" / "model.safetensors").values()} == {"torch.bfloat16"}
+
+
 def test_continued_pretraining_lowers_validation_loss(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, model={"ref": str(tiny_model_dir)}, method="lora",
                lora={"rank": 8, "alpha": 16, "dropout": 0.0}, train={"learning_rate": 1e-2, "max_steps": 15})

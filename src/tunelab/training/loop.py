@@ -120,8 +120,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                                       quantization=cfg.base_quantization or "none",
                                       double_quant=cfg.model.double_quant)
         data = prepare_data(cfg.data, tokenizer, cfg.seed, progress=is_main)
-    if bf16_weights:
-        model.to(torch.bfloat16)  # a pretraining model starts in fp32
+    if bf16_weights and cfg.stage == "pretrain":
+        model.to(torch.bfloat16)  # it starts in fp32 (a new model, or loaded so)
     if not data.train:
         raise RunError(f"no training examples left in {cfg.data.train} after encoding; see the warnings above")
     if is_main:
@@ -146,8 +146,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         enable_neftune(model, cfg.train.neftune_alpha)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    info(f"model {cfg.pretrain.from_scratch or cfg.model.ref}: {describe_model(model)}; method {cfg.method}, compute "
-         f"{dtype_name(compute_dtype)}, device {accelerator.device.type}"
+    info(f"model {cfg.pretrain.from_scratch or cfg.model.ref}: {describe_model(model)}; method {cfg.method}"
+         + (" (bf16 weights)" if bf16_weights else "") + f", compute {dtype_name(compute_dtype)}, "
+         f"device {accelerator.device.type}"
          + (f", {threads} threads" if threads else ""))
 
     # --- schedule --------------------------------------------------------------------------
