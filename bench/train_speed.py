@@ -8,7 +8,8 @@ recipe without the adapter): the HF Trainer recipe as documented (fp32 on a CPU)
 TRL SFTTrainer with bf16 and padding-free packing.
 tunelab runs three ways: compiled (the headline), eager, and compiled with data.train_on_prompt so
 that its loss is the peers' quantity (every token, not only the answers); with --method full also
-compiled with 8-bit AdamW (bitsandbytes), the memory-saving option.
+compiled with 8-bit AdamW (bitsandbytes) and compiled with bf16 weights (train.weight_dtype), the
+memory-saving options.
 Each runs in its own process (peak RSS is per process); the first step is not timed.
 
 usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tunelab] [--shared ../shared]

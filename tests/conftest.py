@@ -44,6 +44,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def full_config(tiny_config: dict, name: str, **train) -> dict:
+    """tiny_config as a full fine-tuning run named `name` (lr 1e-3, no validation split); train
+    keys override."""
+    return {**tiny_config, "method": "full", "name": name, "data": {**tiny_config["data"], "val_fraction": 0},
+            "train": {**tiny_config["train"], "learning_rate": 1e-3, **train}}
+
+
 def train_until_first_checkpoint(config: dict) -> None:
     """Start a run that dies right after writing its first checkpoint (as a crash or a killed job
     would), so a test can then resume it."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tunelab
-from conftest import train_until_first_checkpoint
+from conftest import full_config, train_until_first_checkpoint
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
 from tunelab.runs import read_metrics
@@ -18,14 +18,8 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
-def full_config(tiny_config, optimizer: str, **train) -> dict:
-    return {**tiny_config, "method": "full", "name": optimizer,
-            "data": {**tiny_config["data"], "val_fraction": 0},
-            "train": {**tiny_config["train"], "learning_rate": 1e-3, "optimizer": optimizer, **train}}
-
-
 def test_8bit_adamw_learns_like_adamw_with_a_quarter_of_the_state(tiny_config):
-    runs = {opt: tunelab.train(full_config(tiny_config, opt, max_steps=8, save_every_n_steps=4), quiet=True).run_dir
+    runs = {opt: tunelab.train(full_config(tiny_config, opt, optimizer=opt, max_steps=8, save_every_n_steps=4), quiet=True).run_dir
             for opt in ("adamw", "adamw_8bit")}
     curve, reference = losses(runs["adamw_8bit"]), losses(runs["adamw"])
     assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.4  # ~10.85 -> ~10.0
@@ -40,7 +34,7 @@ def test_8bit_adamw_learns_like_adamw_with_a_quarter_of_the_state(tiny_config):
 
 
 def test_8bit_adamw_resumes_with_the_same_losses(tiny_config):
-    base = full_config(tiny_config, "adamw_8bit", max_steps=6, save_every_n_steps=3)
+    base = full_config(tiny_config, "adamw_8bit", optimizer="adamw_8bit", max_steps=6, save_every_n_steps=3)
     straight = losses(tunelab.train({**base, "name": "straight"}, quiet=True).run_dir)
     train_until_first_checkpoint({**base, "name": "resumed"})  # dies after its step-3 checkpoint
     result = tunelab.train({**base, "name": "resumed"}, resume=True, quiet=True)

@@ -6,7 +6,7 @@ import torch
 
 import tunelab
 import tunelab.training.optim as optim
-from conftest import train_until_first_checkpoint
+from conftest import full_config, train_until_first_checkpoint
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
 from tunelab.runs import read_metrics
@@ -103,14 +103,8 @@ def test_clipping_scales_the_gradients_inside_the_update():
     assert opt.grad_scale.item() == 1.0  # once: the next step takes its gradients as they are
 
 
-def full_config(tiny_config, weight_dtype: str, **train) -> dict:
-    return {**tiny_config, "method": "full", "name": weight_dtype,
-            "data": {**tiny_config["data"], "val_fraction": 0},
-            "train": {**tiny_config["train"], "learning_rate": 1e-3, "weight_dtype": weight_dtype, **train}}
-
-
 def test_bf16_weights_learn_like_fp32_master_weights_in_half_the_memory(tiny_config):
-    runs = {wd: tunelab.train(full_config(tiny_config, wd, max_steps=8, save_every_n_steps=4), quiet=True).run_dir
+    runs = {wd: tunelab.train(full_config(tiny_config, wd, weight_dtype=wd, max_steps=8, save_every_n_steps=4), quiet=True).run_dir
             for wd in ("fp32", "bf16")}
     curve, reference = losses(runs["bf16"]), losses(runs["fp32"])
     assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.4  # ~10.85 -> ~10.0, as fp32
@@ -127,7 +121,7 @@ def test_bf16_weights_learn_like_fp32_master_weights_in_half_the_memory(tiny_con
 
 
 def test_bf16_weights_resume_with_the_same_losses(tiny_config):
-    base = full_config(tiny_config, "bf16", max_steps=6, save_every_n_steps=3)
+    base = full_config(tiny_config, "bf16", weight_dtype="bf16", max_steps=6, save_every_n_steps=3)
     straight = losses(tunelab.train({**base, "name": "straight"}, quiet=True).run_dir)
     train_until_first_checkpoint({**base, "name": "resumed"})  # dies after its step-3 checkpoint
     result = tunelab.train({**base, "name": "resumed"}, resume=True, quiet=True)

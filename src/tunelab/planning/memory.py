@@ -61,6 +61,11 @@ class Setup:
     answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
 
     @property
+    def bf16_weights(self) -> bool:
+        """Full fine-tuning of bf16 weights: weights, gradients and moments bf16, no autocast copies."""
+        return self.method == "full" and self.weight_dtype == "bf16"
+
+    @property
     def tokens(self) -> int:
         """Tokens in one packed micro batch, at most."""
         return self.micro_batch_size * self.max_seq_len
@@ -95,7 +100,7 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
     """Bytes autograd saves per token in one decoder layer (see the module docstring)."""
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
     low = s.compute_dtype != "fp32"
-    if s.method == "full" and s.weight_dtype == "bf16":  # bf16 all through, as a LoRA base
+    if s.bf16_weights:  # bf16 all through, as a LoRA base
         per = 20 * h + 6 * q + 4 * kv + 8 * i
     elif s.method == "full":
         per = (26 * h + 6 * q + 4 * kv + 8 * i) if low else (24 * h + 12 * q + 8 * kv + 16 * i)
@@ -110,7 +115,7 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
 def activations(arch: Arch, s: Setup) -> float:
     t = s.tokens
     per_layer = activation_bytes_per_token_layer(arch, s)
-    fp32_residual = (s.method == "full" and s.weight_dtype == "fp32") or s.compute_dtype == "fp32"
+    fp32_residual = (s.method == "full" and not s.bf16_weights) or s.compute_dtype == "fp32"
     residual = 4 * arch.hidden_size if fp32_residual else 2 * arch.hidden_size
     if s.gradient_checkpointing:
         # each layer keeps only its input; one layer's activations exist again during its recompute
@@ -131,15 +136,14 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     n_train = trainable_params(arch, s)
     w = weight_bytes(arch, s)
     adapters = 4.0 * n_train if s.method != "full" else 0.0  # fp32 adapters
-    bf16_weights = s.method == "full" and s.weight_dtype == "bf16"
-    grads = (2.0 if bf16_weights else 4.0) * n_train
-    opt = (4.0 if bf16_weights else 8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
+    grads = (2.0 if s.bf16_weights else 4.0) * n_train
+    opt = (4.0 if s.bf16_weights else 8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
     if s.optimizer == "adamw" or kind != "cpu":
         step_temp = 0.0  # fused AdamW: updated in place, one tensor at a time
     else:  # one tensor at a time; for full fine-tuning the largest is the embedding matrix
         step_temp = ADAMW_8BIT_CPU_TEMP * (arch.vocab_size * arch.hidden_size if s.method == "full" else 0)
     low = s.compute_dtype != "fp32"
-    copies = 2.0 * n_train if low and not bf16_weights else 0.0  # autocast's bf16 copy of each trained weight
+    copies = 2.0 * n_train if low and not s.bf16_weights else 0.0  # autocast's bf16 copy of each trained weight
     if s.method == "qlora":  # bitsandbytes dequantizes one weight at a time to bf16
         copies += 2.0 * max(a * b for a, b in arch.linears().values())
     act_live = activations(arch, s)
@@ -164,7 +168,7 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
                "optimizer step temporaries": step_temp, "framework overhead": float(runtime)}
     b.notes = {
         "weights": _weights_note(arch, s),
-        "optimizer states": ("AdamW: 2 bf16 moments, stochastic rounding" if bf16_weights
+        "optimizer states": ("AdamW: 2 bf16 moments, stochastic rounding" if s.bf16_weights
                              else "AdamW: 2 fp32 moments" if s.optimizer == "adamw"
                              else "8-bit AdamW: 2 x 1 byte + block scales"),
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
