@@ -34,6 +34,9 @@ def flops_per_token(method: str, n_params: float, n_lora: float, layers: int, hi
     return base + 6 * layers * seq * hidden
 
 
+LORA_RANK = 16
+N_PARAMS, N_LORA = 134.5e6, 4.88e6  # SmolLM2-135M; its rank-16 all-linear LoRA adapter
+
 VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
             "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights"}
 FULL_ONLY = ("adamw-8bit", "bf16-weights")  # options of full fine-tuning's optimizer and weights
@@ -43,23 +46,27 @@ def variants(method: str) -> list[str]:
     return [v for v in VARIANTS if method == "full" or v not in FULL_ONLY]
 
 
+def tunelab_config(model_dir: str, data: str, steps: int, method: str, variant: str) -> dict:
+    """The run config of one tunelab row: the peers' model, data, LoRA, batch and learning rate."""
+    return {"name": "bench", "output_dir": tempfile.mkdtemp(), "method": method, "seed": 0,
+            "model": {"ref": model_dir},
+            "data": {"train": data, "format": "alpaca", "val_fraction": 0, "max_seq_len": 512,
+                     "train_on_prompt": variant == "all-tokens"},
+            "lora": {"rank": LORA_RANK, "alpha": 2 * LORA_RANK, "dropout": 0.0, "target_modules": "all-linear"},
+            "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
+                      "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
+                      "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
+                      "compile": variant != "eager",
+                      "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw",
+                      "weight_dtype": "bf16" if variant == "bf16-weights" else "fp32"}}
+
+
 def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: str) -> None:
     import tunelab
     from tunelab.hardware import peak_rss_mb
     from tunelab.runs import read_metrics
 
-    cfg = {"name": "bench", "output_dir": tempfile.mkdtemp(), "method": method, "seed": 0,
-           "model": {"ref": model_dir},
-           "data": {"train": data, "format": "alpaca", "val_fraction": 0, "max_seq_len": 512,
-                    "train_on_prompt": variant == "all-tokens"},
-           "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-           "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
-                     "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
-                     "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
-                     "compile": variant != "eager",
-                     "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw",
-                     "weight_dtype": "bf16" if variant == "bf16-weights" else "fp32"}}
-    result = tunelab.train(cfg, quiet=True)
+    result = tunelab.train(tunelab_config(model_dir, data, steps, method, variant), quiet=True)
     m = [r for r in read_metrics(result.run_dir) if "loss" in r]
     timed = m[1:]
     seconds = m[-1]["elapsed_s"] - m[0]["elapsed_s"]
@@ -68,6 +75,20 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
                                      "tokens_per_s": tokens / seconds, "first_loss": m[0]["loss"],
                                      "last_loss": m[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
                                      "mean_seq": tokens / (8 * len(timed))}))
+
+
+def bench_inputs(shared: Path) -> tuple[Path, Path]:
+    """The SmolLM2-135M folder and the alpaca demo as JSONL, made once in bench/.cache."""
+    cache = HERE / ".cache"
+    cache.mkdir(exist_ok=True)
+    model_dir = cache / "smollm2-135m-hf"
+    if not (model_dir / "config.json").exists():
+        subprocess.run([sys.executable, str(shared / "bench/make_smollm2_hf.py"), str(model_dir)], check=True)
+    data = cache / "alpaca_en_demo.jsonl"
+    if not data.exists():
+        rows = json.loads((shared / "data/instruction/llamafactory_alpaca_en_demo.json").read_text())
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
 
 
 def run(cmd: list[str], env=None) -> dict:
@@ -89,16 +110,7 @@ def main() -> None:
     if a.worker:
         return tunelab_worker(*a.worker[:2], a.steps, a.method, a.worker[2])
 
-    shared = Path(a.shared)
-    cache = HERE / ".cache"
-    cache.mkdir(exist_ok=True)
-    model_dir = cache / "smollm2-135m-hf"
-    if not (model_dir / "config.json").exists():
-        subprocess.run([sys.executable, str(shared / "bench/make_smollm2_hf.py"), str(model_dir)], check=True)
-    data = cache / "alpaca_en_demo.jsonl"
-    if not data.exists():
-        rows = json.loads((shared / "data/instruction/llamafactory_alpaca_en_demo.json").read_text())
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir, data = bench_inputs(Path(a.shared))
 
     import torch
 
@@ -123,7 +135,6 @@ def main() -> None:
     from transformers import AutoConfig
 
     conf = AutoConfig.from_pretrained(model_dir)
-    n_params, n_lora = 134.5e6, 4.88e6
     print(f"\nbf16 matmul peak here: {peak:.0f} GFLOP/s; {a.steps} steps of 8 rows, first step untimed "
           "(it holds the one-time compile)\n")
     head = f"{'setup':48} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
@@ -135,7 +146,7 @@ def main() -> None:
             print(f"{r['peer']:48} failed: {r['error'][:80]}")
             continue
         seq = r.get("mean_seq", 200)
-        fpt = flops_per_token(a.method, n_params, n_lora, conf.num_hidden_layers, conf.hidden_size, seq / 2)
+        fpt = flops_per_token(a.method, N_PARAMS, N_LORA, conf.num_hidden_layers, conf.hidden_size, seq / 2)
         mfu = r["tokens_per_s"] * fpt / (peak * 1e9)
         ratio = "" if r["peer"].startswith("tunelab") or not ours else f"{ours / r['tokens_per_s']:.2f}x"
         print(f"{r['peer']:48} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f} "
