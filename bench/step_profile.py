@@ -63,8 +63,7 @@ def profile_steps(model_dir: Path, data: Path, method: str, variant: str, steps:
             tunelab.train(tunelab_config(str(model_dir), str(data), WAIT + steps + 1, method, variant), quiet=True)
     finally:
         loop.token_loss_sum = real_loss
-    first = WAIT
-    return events, starts[first + steps] - starts[first], sum(tokens[first:first + steps])
+    return events, starts[WAIT + steps] - starts[WAIT], sum(tokens[WAIT:WAIT + steps])
 
 
 def gemm_flops(event) -> float:
