@@ -14,12 +14,10 @@ from tunelab.runs import read_metrics
 DDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp.yaml"
 
 
-def write_configs(tiny_config, tmp_path, **settings) -> tuple[Path, Path]:
+def write_configs(tiny_config, tmp_path, method: "str | None" = None, **train) -> tuple[Path, Path]:
     """one.yaml: one process, grad_accum_steps 2; two.yaml: grad_accum_steps 1, for two processes.
-    settings: more top-level keys, and train keys under train_*."""
-    train = {k[6:]: v for k, v in settings.items() if k.startswith("train_")}
-    base = {**tiny_config, **{k: v for k, v in settings.items() if not k.startswith("train_")},
-            "data": {**tiny_config["data"], "val_fraction": 0},
+    method: instead of tiny_config's; train: more train settings."""
+    base = {**tiny_config, **({"method": method} if method else {}), "data": {**tiny_config["data"], "val_fraction": 0},
             "train": {**tiny_config["train"], "max_steps": 3, "micro_batch_size": 2, "compile": False, **train}}
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump({**base, "name": "one", "train": {**base["train"], "grad_accum_steps": 2}}))
@@ -60,7 +58,7 @@ def test_bf16_weights_under_ddp_match_one_process(tiny_config, tmp_path):
     """Full fine-tuning of bf16 weights: each process rounds its copy of the weights with the same
     noise (a function of seed, step and tensor), so the copies stay equal. The gradients are summed
     in bf16, in a different order with two processes: close, not bit-equal."""
-    one, two = write_configs(tiny_config, tmp_path, method="full", train_weight_dtype="bf16", train_learning_rate=1e-3)
+    one, two = write_configs(tiny_config, tmp_path, method="full", weight_dtype="bf16", learning_rate=1e-3)
     subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(one), "--quiet"], check=True)
     check_same_as_one_process(tmp_path, torchrun_two(two), rel=1e-2, weights="model.safetensors")
 

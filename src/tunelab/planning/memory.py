@@ -84,7 +84,7 @@ class Breakdown:
 def weight_bytes(arch: Arch, s: Setup) -> float:
     n = arch.n_params
     if s.method == "full":
-        return 4.0 * n if s.weight_dtype == "fp32" else 2.0 * n  # the weights the optimizer updates
+        return 2.0 * n if s.bf16_weights else 4.0 * n  # the weights the optimizer updates
     if s.method == "qlora":
         const = QUANT_CONST_DQ_BYTES if s.double_quant else QUANT_CONST_BYTES
         rest = arch.embedding_params + arch.norm_params  # embeddings, head and norms stay in bf16
@@ -184,8 +184,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
 
 def _weights_note(arch: Arch, s: Setup) -> str:
     if s.method == "full":
-        return (f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32 master)" if s.weight_dtype == "fp32"
-                else f"{arch.n_params / 1e9:.2f}B params x 2 bytes (bf16, updated with stochastic rounding)")
+        return (f"{arch.n_params / 1e9:.2f}B params x 2 bytes (bf16, updated with stochastic rounding)"
+                if s.bf16_weights else f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32 master)")
     if s.method == "qlora":
         return (f"{arch.linear_params / 1e9:.2f}B in nf4 ({NF4_BYTES} byte + constants"
                 f"{', double-quantized' if s.double_quant else ''}), embeddings/norms bf16")
