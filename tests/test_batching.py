@@ -70,14 +70,20 @@ def test_packed_attention_gradients_match_sdpa(tiny_model_dir):
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
-@pytest.mark.parametrize("backward", ["eager", "compiled"])
+@pytest.mark.parametrize("backward", ["kernel", "eager", "compiled"])
 def test_packed_attention_op_matches_sdpa(backward, monkeypatch):
     """The custom op used inside torch.compile: same output and gradients as SDPA example by example,
-    with grouped K/V heads (6 query heads on 2 K/V heads)."""
+    with grouped K/V heads (6 query heads on 2 K/V heads), by each backward: the C++ kernel, and the
+    per-example PyTorch path (eager and compiled) where the kernel is not available."""
     import torch.nn.functional as F
 
-    from tunelab.training import attention
+    from tunelab.training import attention, kernels
 
+    if backward == "kernel":
+        if kernels.attention_backward_kernel(torch.float32, 16) is None:
+            pytest.skip("tunelab's C++ kernels cannot be built here")
+    else:
+        monkeypatch.setattr(kernels, "attention_backward_kernel", lambda dtype, head_dim: None)
     if backward == "eager":
         monkeypatch.setattr(attention, "_compiled_example_backward", lambda: attention._example_backward)
     torch.manual_seed(0)

@@ -10,9 +10,11 @@ boundaries (padded batches, generation) fall through to transformers' own SDPA.
 
 Inside torch.compile, the same attention runs as one custom op instead:
 - the forward is the same CPU flash kernel, example by example, keeping its log-sum-exp;
-- the backward is our own: per example, recompute the scores with one bf16 matmul, softmax from
-  the saved log-sum-exp, then four more matmuls, with the elementwise work fused by torch.compile.
-  PyTorch's CPU flash backward takes ~9x its forward here; ours ~2/3 of its time (bench/RESULTS.md).
+- the backward is our own: on CPUs where tunelab's C++ kernel builds (kernels.py), one fused call
+  per layer walks the causal score tiles of every example (csrc/packed_attention.cpp); elsewhere,
+  per example, recompute the scores with one matmul, softmax from the saved log-sum-exp, then four
+  more matmuls, with the elementwise work fused by torch.compile. PyTorch's CPU flash backward takes
+  ~9x its forward here; the per-example path ~2/3 of its time, the kernel ~1/5 (bench/RESULTS.md).
 - being one opaque op, it lets torch.compile see the whole decoder as one graph: the per-example
   loop (a .tolist() of the boundaries) otherwise breaks the graph in every layer.
 """
@@ -21,6 +23,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.training import kernels
 
 NAME = "tunelab_packed_sdpa"
 _registered = False
@@ -76,6 +80,11 @@ def _(q, k, v, bounds, scale):
 def packed_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor,
                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fused = kernels.attention_backward_kernel(q.dtype, q.shape[-1]) if q.device.type == "cpu" else None
+    if fused is not None:
+        dq, dk, dv = fused(*(t if t.stride(-1) == 1 else t.contiguous() for t in (grad_out, q, k, v, out)),
+                           lse, bounds, scale)
+        return dq, dk, dv
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake says
     cuts = bounds.tolist()
     backward = _compiled_example_backward()

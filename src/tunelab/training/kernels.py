@@ -1,0 +1,70 @@
+"""tunelab's own CPU kernels (csrc/*.cpp): built on first use on this machine, cached, optional.
+
+torch.utils.cpp_extension compiles them with the C++ compiler that torch.compile already needs on a
+CPU, against the installed torch, into ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), once per
+machine and source version (~15 s). Where they cannot be built or used (no compiler, a CPU without
+AVX2, bf16 without AMX, TUNELAB_CPU_KERNELS=0), `attention_backward_kernel` says why once and
+attention.py keeps its pure-PyTorch path: the kernels change speed, never what a run can do.
+"""
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tunelab.hardware import cpu_flags
+from tunelab.log import info
+
+SOURCES = [Path(__file__).parent / "csrc" / "packed_attention.cpp"]
+
+# the instruction sets torch's own kernels of each level use; the name keeps builds for different
+# CPUs apart when several machines share one home directory
+_ARCH_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def attention_backward_kernel(dtype: torch.dtype, head_dim: int):
+    """The fused packed-attention backward for `dtype` on this machine, or None (the reason said once)."""
+    if dtype == torch.bfloat16 and head_dim % 16:
+        return None  # AMX tiles take 16-column blocks
+    if dtype == torch.bfloat16 and "amx_bf16" not in cpu_flags():
+        _say_once("tunelab's fused attention backward needs AMX for bf16; using the PyTorch path")
+        return None
+    if dtype not in (torch.bfloat16, torch.float32) or not _load():
+        return None
+    return torch.ops.tunelab_kernels.packed_attention_backward
+
+
+@functools.cache
+def _load() -> bool:
+    if os.environ.get("TUNELAB_CPU_KERNELS", "1") == "0":
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _ARCH_FLAGS:
+        _say_once(f"tunelab's CPU kernels need AVX2 or AVX-512 (this CPU: {capability}); using PyTorch paths")
+        return False
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        _say_once(f"no C++ compiler ({compiler}) for tunelab's CPU kernels; using PyTorch paths "
+                  "(install g++ for ~25% faster training steps)")
+        return False
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(name=f"tunelab_kernels_{capability.lower()}", sources=[str(s) for s in SOURCES],
+             extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *_ARCH_FLAGS[capability]],
+             extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # a failed build must not stop training: the PyTorch path is always there
+        last = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+        _say_once(f"could not build tunelab's CPU kernels ({last[0][:200]}); using PyTorch paths")
+        return False
+    return True
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    info(f"[dim]{message}[/dim]")
