@@ -61,6 +61,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention within each packed example. q [1, H, T, D]; k, v [1, KV, T, D] (KV divides H).
     Returns the output [1, H, T, D] and the log-sum-exp of the scaled scores [1, H, T] (fp32)."""
+    fused = kernels.attention_kernels(q.dtype, q.shape[-1]) if q.device.type == "cpu" else None
+    if fused is not None:
+        return fused.packed_attention_forward(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)),
+                                              bounds, scale)
     outs, lses = [], []
     cuts = bounds.tolist()
     for a, b in zip(cuts[:-1], cuts[1:]):  # the CPU flash kernel takes grouped K/V heads as they are
@@ -80,9 +84,9 @@ def _(q, k, v, bounds, scale):
 def packed_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor,
                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fused = kernels.attention_backward_kernel(q.dtype, q.shape[-1]) if q.device.type == "cpu" else None
+    fused = kernels.attention_kernels(q.dtype, q.shape[-1]) if q.device.type == "cpu" else None
     if fused is not None:
-        dq, dk, dv = fused(*(t if t.stride(-1) == 1 else t.contiguous() for t in (grad_out, q, k, v, out)),
+        dq, dk, dv = fused.packed_attention_backward(*(t if t.stride(-1) == 1 else t.contiguous() for t in (grad_out, q, k, v, out)),
                            lse, bounds, scale)
         return dq, dk, dv
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake says

@@ -3,7 +3,7 @@
 torch.utils.cpp_extension compiles them with the C++ compiler that torch.compile already needs on a
 CPU, against the installed torch, into ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), once per
 machine and source version (~15 s). Where they cannot be built or used (no compiler, a CPU without
-AVX2, bf16 without AMX, TUNELAB_CPU_KERNELS=0), `attention_backward_kernel` says why once and
+AVX2, bf16 without AMX, TUNELAB_CPU_KERNELS=0), `attention_kernels` says why once and
 attention.py keeps its pure-PyTorch path: the kernels change speed, never what a run can do.
 """
 
@@ -27,40 +27,50 @@ _ARCH_FLAGS = {
 }
 
 
-def attention_backward_kernel(dtype: torch.dtype, head_dim: int):
-    """The fused packed-attention backward for `dtype` on this machine, or None (the reason said once)."""
+def attention_kernels(dtype: torch.dtype, head_dim: int):
+    """The fused packed-attention kernels (`.packed_attention_forward`, `.packed_attention_backward`)
+    for `dtype` on this machine, or None (the reason said once)."""
     if dtype == torch.bfloat16 and head_dim % 16:
         return None  # AMX tiles take 16-column blocks
     if dtype == torch.bfloat16 and "amx_bf16" not in cpu_flags():
-        _say_once("tunelab's fused attention backward needs AMX for bf16; using the PyTorch path")
+        _say_once("tunelab's fused attention kernels need AMX for bf16; using the PyTorch path")
         return None
     if dtype not in (torch.bfloat16, torch.float32) or not _load():
         return None
-    return torch.ops.tunelab_kernels.packed_attention_backward
+    return torch.ops.tunelab_kernels
+
+
+def missing_prerequisite() -> "str | None":
+    """Why the kernels cannot be built here (turned off, CPU, compiler), or None if they can."""
+    if os.environ.get("TUNELAB_CPU_KERNELS", "1") == "0":
+        return "TUNELAB_CPU_KERNELS=0"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _ARCH_FLAGS:
+        return f"tunelab's CPU kernels need AVX2 or AVX-512 (this CPU: {capability})"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) for tunelab's CPU kernels (install g++ for ~25% faster training)"
+    return None
 
 
 @functools.cache
 def _load() -> bool:
-    if os.environ.get("TUNELAB_CPU_KERNELS", "1") == "0":
-        return False
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in _ARCH_FLAGS:
-        _say_once(f"tunelab's CPU kernels need AVX2 or AVX-512 (this CPU: {capability}); using PyTorch paths")
-        return False
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        _say_once(f"no C++ compiler ({compiler}) for tunelab's CPU kernels; using PyTorch paths "
-                  "(install g++ for ~25% faster training steps)")
+    missing = missing_prerequisite()
+    if missing:
+        if not missing.startswith("TUNELAB_CPU_KERNELS"):
+            _say_once(f"{missing}; using PyTorch paths")
         return False
     from torch.utils.cpp_extension import load
 
+    capability = torch.backends.cpu.get_cpu_capability()
     try:
         load(name=f"tunelab_kernels_{capability.lower()}", sources=[str(s) for s in SOURCES],
              extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *_ARCH_FLAGS[capability]],
              extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # a failed build must not stop training: the PyTorch path is always there
-        last = str(e).strip().splitlines()[-1:] or [type(e).__name__]
-        _say_once(f"could not build tunelab's CPU kernels ({last[0][:200]}); using PyTorch paths")
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first_error = next((line for line in lines if "error" in line), lines[-1])  # the compiler's, not ninja's
+        _say_once(f"could not build tunelab's CPU kernels ({first_error[:300]}); using PyTorch paths")
         return False
     return True
 

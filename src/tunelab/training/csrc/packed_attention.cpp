@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -96,21 +97,22 @@ float dot(const T* a, const T* b, int64_t n) {
 // Per-thread working memory, kept between calls: allocating it per call costs page faults.
 template <typename T>
 struct Scratch {
-  std::vector<T> k_rows, v_rows, kT, vT, kT_packed, vT_packed, k_packed;  // one example's K/V head
-  std::vector<T> q_rows, do_rows, q_packed, do_packed;                     // one query head
-  std::vector<T> p_lo, ds, pT, dsT;                                        // one tile
-  std::vector<float> dk_acc, dv_acc, lse_rows, delta, dq_acc, s, dp;
+  std::vector<T> k_rows, v_rows, kT, vT, kT_packed, vT_packed, k_packed, v_packed;  // one example's K/V head
+  std::vector<T> q_rows, do_rows, q_packed, do_packed;                               // one query head
+  std::vector<T> p_lo, ds, pT, dsT;                                                  // tiles
+  std::vector<float> dk_acc, dv_acc, lse_rows, delta, acc, s, dp;
 
   void reserve(int64_t padded_len, int64_t D) {
     auto grow = [](auto& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
-    for (auto* v : {&k_rows, &v_rows, &kT, &vT, &kT_packed, &vT_packed, &k_packed, &q_rows, &do_rows, &q_packed,
-                    &do_packed})
+    for (auto* v : {&k_rows, &v_rows, &kT, &vT, &kT_packed, &vT_packed, &k_packed, &v_packed, &q_rows, &do_rows,
+                    &q_packed, &do_packed})
       grow(*v, padded_len * D);
-    for (auto* v : {&p_lo, &ds, &pT, &dsT}) grow(*v, B * B);
+    grow(p_lo, B * padded_len);  // the forward keeps a row of tiles
+    for (auto* v : {&ds, &pT, &dsT}) grow(*v, B * B);
     for (auto* v : {&dk_acc, &dv_acc}) grow(*v, padded_len * D);
     for (auto* v : {&lse_rows, &delta}) grow(*v, padded_len);
-    grow(dq_acc, B * D);
-    grow(s, B * B);
+    grow(acc, B * D);
+    grow(s, B * padded_len);
     grow(dp, B * B);
   }
 };
@@ -119,6 +121,125 @@ template <typename T>
 Scratch<T>& thread_scratch() {
   static thread_local Scratch<T> scratch;
   return scratch;
+}
+
+// [1, heads, T, D] with a contiguous last dim; T may be strided (transformers passes transposed views).
+template <typename T>
+struct Heads {
+  T* data;
+  int64_t head, token;
+  explicit Heads(const at::Tensor& t)
+      : data(t.data_ptr<std::remove_const_t<T>>()), head(t.stride(1)), token(t.stride(2)) {}
+  T* at(int64_t h, int64_t t) const { return data + h * head + t * token; }
+};
+
+// Runs item(example, kv_head, scratch) for every (example, K/V head) pair on torch's threads, the
+// longest examples first so that the short ones even out the threads at the end.
+template <typename T, typename F>
+void for_each_item(const std::vector<int64_t>& cuts, int64_t kv_heads, int64_t D, F item) {
+  std::vector<std::pair<int64_t, int64_t>> items;
+  int64_t longest = 0;
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(cuts.size()); e++) {
+    longest = std::max(longest, cuts[e + 1] - cuts[e]);
+    for (int64_t h = 0; h < kv_heads; h++) items.emplace_back(e, h);
+  }
+  auto len = [&](const std::pair<int64_t, int64_t>& it) { return cuts[it.first + 1] - cuts[it.first]; };
+  std::stable_sort(items.begin(), items.end(), [&](const auto& x, const auto& y) { return len(x) > len(y); });
+  const int64_t longest_padded = (longest + B - 1) / B * B;
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
+    Scratch<T>& w = thread_scratch<T>();
+    w.reserve(longest_padded, D);
+    for (int64_t worker = begin; worker < end; worker++)
+      for (int64_t i; (i = next.fetch_add(1)) < n_items;) item(items[i].first, items[i].second, w);
+    if constexpr (is_bf16<T>) cpublas::brgemm_release(true);
+  });
+}
+
+// One example's K and V rows, padded to whole tiles, and K^T in tiles: the B operand of S = Q K^T.
+template <typename T>
+void load_kv(const Heads<const T>& k, const Heads<const T>& v, int64_t kvh, int64_t a, int64_t L, int64_t Lp,
+             int64_t D, Scratch<T>& w) {
+  copy_rows(k.at(kvh, a), k.token, L, Lp, D, w.k_rows.data());
+  copy_rows(v.at(kvh, a), v.token, L, Lp, D, w.v_rows.data());
+  transpose(w.k_rows.data(), D, Lp, D, w.kT.data(), Lp);
+  for (int64_t j = 0; j < Lp / B; j++) pack_b(D, B, Lp, w.kT.data() + j * B, w.kT_packed.data() + j * D * B);
+}
+
+template <typename Op>
+float reduce(const Vec& v, Op op) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float r = lanes[0];
+  for (int64_t l = 1; l < Vec::size(); l++) r = op(r, lanes[l]);
+  return r;
+}
+
+// Scores S -> exp(scale * S - row max) in place, for a row of tiles (query tile i, key tiles 0..i,
+// each [B, B] at s + j * B * B); keys after the query and rows past the example's end get 0. Returns
+// each row's log-sum-exp in lse and its sum in sum (the caller divides the output by it).
+inline void softmax_forward_tiles(float* s, int64_t i, int64_t L, float scale, float* lse, float* sum) {
+  const Vec vscale(scale), minus_inf(-std::numeric_limits<float>::infinity()), zero(0.f);
+  for (int64_t r = 0; r < B; r++) {
+    const int64_t row = i * B + r;
+    const int64_t visible = row >= L ? 0 : row + 1;  // keys 0..row
+    Vec vmax = minus_inf;
+    for (int64_t c = 0; c < visible; c += Vec::size()) {
+      const float* p = s + (c / B) * B * B + r * B + c % B;  // c steps within a tile: B is a multiple
+      const int64_t n = std::min<int64_t>(Vec::size(), visible - c);
+      vmax = at::vec::maximum(vmax, Vec::set(minus_inf, Vec::loadu(p, n), n));
+    }
+    const float max = reduce(vmax, [](float a, float b) { return std::max(a, b); }) * scale;
+    const Vec vrow_max(max);
+    Vec vsum = zero;
+    for (int64_t c = 0; c < (i + 1) * B; c += Vec::size()) {
+      float* p = s + (c / B) * B * B + r * B + c % B;
+      const int64_t n = std::clamp<int64_t>(visible - c, 0, Vec::size());
+      const Vec e = n > 0 ? Vec::set(zero, (Vec::loadu(p) * vscale - vrow_max).exp_u20(), n) : zero;
+      e.store(p);
+      vsum = vsum + e;
+    }
+    sum[r] = reduce(vsum, [](float a, float b) { return a + b; });
+    lse[r] = visible > 0 ? max + std::log(sum[r]) : 0.f;
+  }
+}
+
+template <typename T>
+void forward(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, const std::vector<int64_t>& cuts,
+             float scale, const at::Tensor& out_t, const at::Tensor& lse_t) {
+  const int64_t H = q_t.size(1), KV = k_t.size(1), D = q_t.size(3), G = H / KV;
+  const Heads<const T> q(q_t), k(k_t), v(v_t);
+  const Heads<T> out(out_t);
+  const Heads<float> lse(lse_t);
+  for_each_item<T>(cuts, KV, D, [&](int64_t e, int64_t kvh, Scratch<T>& w) {
+    const int64_t a = cuts[e], L = cuts[e + 1] - a, Lp = (L + B - 1) / B * B, tiles = Lp / B;
+    load_kv(k, v, kvh, a, L, Lp, D, w);
+    for (int64_t j = 0; j < tiles; j++) pack_b(B, D, D, w.v_rows.data() + j * B * D, w.v_packed.data() + j * B * D);
+    for (int64_t g = 0; g < G; g++) {
+      const int64_t h = kvh * G + g;
+      copy_rows(q.at(h, a), q.token, L, Lp, D, w.q_rows.data());
+      for (int64_t i = 0; i < tiles; i++) {  // query tile: its scores against key tiles 0..i
+        for (int64_t j = 0; j <= i; j++)
+          tile_mm(B, B, D, w.q_rows.data() + i * B * D, D, w.kT_packed.data() + j * D * B, false,
+                  w.s.data() + j * B * B);
+        softmax_forward_tiles(w.s.data(), i, L, scale, w.lse_rows.data(), w.delta.data());
+        at::vec::convert(w.s.data(), w.p_lo.data(), (i + 1) * B * B);
+        for (int64_t j = 0; j <= i; j++)  // O = exp(S - max) V / sum
+          tile_mm(B, D, B, w.p_lo.data() + j * B * B, B, w.v_packed.data() + j * B * D, j > 0, w.acc.data());
+        const int64_t rows = std::min(B, L - i * B);
+        for (int64_t r = 0; r < rows; r++) {
+          const Vec inv(1.f / w.delta[r]);
+          for (int64_t d = 0; d < D; d += Vec::size()) {
+            const int64_t n = std::min<int64_t>(Vec::size(), D - d);
+            (Vec::loadu(w.acc.data() + r * D + d, n) * inv).store(w.acc.data() + r * D + d, n);
+          }
+        }
+        store_rows(w.acc.data(), rows, D, out.at(h, a + i * B), out.token);
+        std::copy(w.lse_rows.data(), w.lse_rows.data() + rows, lse.at(h, a + i * B));
+      }
+    }
+  });
 }
 
 // Turn the tile's scores S into P and its dP into dS, in place, for tile rows starting at `row0`:
@@ -141,116 +262,105 @@ inline void softmax_backward_tile(float* s, float* dp, int64_t row0, int64_t L, 
       }
     }
     std::fill(sr + visible, sr + B, 0.f);
-    std::fill(dp + r * B + visible, dp + r * B + B, 0.f);
+    std::fill(dpr + visible, dpr + B, 0.f);
   }
 }
 
 template <typename T>
-void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& out, const at::Tensor& lse, const std::vector<int64_t>& cuts, float scale,
-              const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
-  const int64_t H = q.size(1), KV = k.size(1), D = q.size(3), G = H / KV;
-  const int64_t n_examples = static_cast<int64_t>(cuts.size()) - 1;
-  std::vector<std::pair<int64_t, int64_t>> items;  // (example, K/V head); longest first, to balance threads
-  int64_t longest = 0;
-  for (int64_t e = 0; e < n_examples; e++) {
-    longest = std::max(longest, cuts[e + 1] - cuts[e]);
-    for (int64_t h = 0; h < KV; h++) items.emplace_back(e, h);
-  }
-  auto len = [&](const std::pair<int64_t, int64_t>& it) { return cuts[it.first + 1] - cuts[it.first]; };
-  std::stable_sort(items.begin(), items.end(), [&](const auto& x, const auto& y) { return len(x) > len(y); });
-  const int64_t longest_padded = (longest + B - 1) / B * B;
-
-  // [1, heads, T, D] tensors with a contiguous last dim; T may be strided (transposed views)
-  const T *q_p = q.data_ptr<T>(), *k_p = k.data_ptr<T>(), *v_p = v.data_ptr<T>();
-  const T *do_p = grad_out.data_ptr<T>(), *o_p = out.data_ptr<T>();
-  const float* lse_p = lse.data_ptr<float>();
-  T *dq_p = dq.data_ptr<T>(), *dk_p = dk.data_ptr<T>(), *dv_p = dv.data_ptr<T>();
-  const int64_t q_h = q.stride(1), q_t = q.stride(2), k_h = k.stride(1), k_t = k.stride(2);
-  const int64_t v_h = v.stride(1), v_t = v.stride(2), do_h = grad_out.stride(1), do_t = grad_out.stride(2);
-  const int64_t o_h = out.stride(1), o_t = out.stride(2), lse_h = lse.stride(1);
-  const int64_t dq_h = dq.stride(1), dq_t = dq.stride(2), dk_h = dk.stride(1), dk_t = dk.stride(2);
-  const int64_t dv_h = dv.stride(1), dv_t = dv.stride(2);
-
-  std::atomic<int64_t> next_item{0};
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
-    Scratch<T>& w = thread_scratch<T>();
-    w.reserve(longest_padded, D);
-    for (int64_t worker = begin; worker < end; worker++) {
-      for (int64_t it; (it = next_item.fetch_add(1)) < n_items;) {
-        const auto [e, kvh] = items[it];
-        const int64_t a = cuts[e], L = cuts[e + 1] - a, Lp = (L + B - 1) / B * B, tiles = Lp / B;
-        copy_rows(k_p + kvh * k_h + a * k_t, k_t, L, Lp, D, w.k_rows.data());
-        copy_rows(v_p + kvh * v_h + a * v_t, v_t, L, Lp, D, w.v_rows.data());
-        transpose(w.k_rows.data(), D, Lp, D, w.kT.data(), Lp);
-        transpose(w.v_rows.data(), D, Lp, D, w.vT.data(), Lp);
-        for (int64_t j = 0; j < tiles; j++) {
-          pack_b(D, B, Lp, w.kT.data() + j * B, w.kT_packed.data() + j * D * B);
-          pack_b(D, B, Lp, w.vT.data() + j * B, w.vT_packed.data() + j * D * B);
-          pack_b(B, D, D, w.k_rows.data() + j * B * D, w.k_packed.data() + j * B * D);
+void backward(const at::Tensor& grad_out_t, const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t,
+              const at::Tensor& out_t, const at::Tensor& lse_t, const std::vector<int64_t>& cuts, float scale,
+              const at::Tensor& dq_t, const at::Tensor& dk_t, const at::Tensor& dv_t) {
+  const int64_t H = q_t.size(1), KV = k_t.size(1), D = q_t.size(3), G = H / KV;
+  const Heads<const T> grad_out(grad_out_t), q(q_t), k(k_t), v(v_t), out(out_t);
+  const Heads<const float> lse(lse_t);
+  const Heads<T> dq(dq_t), dk(dk_t), dv(dv_t);
+  for_each_item<T>(cuts, KV, D, [&](int64_t e, int64_t kvh, Scratch<T>& w) {
+    const int64_t a = cuts[e], L = cuts[e + 1] - a, Lp = (L + B - 1) / B * B, tiles = Lp / B;
+    load_kv(k, v, kvh, a, L, Lp, D, w);
+    transpose(w.v_rows.data(), D, Lp, D, w.vT.data(), Lp);
+    for (int64_t j = 0; j < tiles; j++) {
+      pack_b(D, B, Lp, w.vT.data() + j * B, w.vT_packed.data() + j * D * B);
+      pack_b(B, D, D, w.k_rows.data() + j * B * D, w.k_packed.data() + j * B * D);
+    }
+    std::fill(w.dk_acc.begin(), w.dk_acc.begin() + Lp * D, 0.f);
+    std::fill(w.dv_acc.begin(), w.dv_acc.begin() + Lp * D, 0.f);
+    for (int64_t g = 0; g < G; g++) {
+      const int64_t h = kvh * G + g;
+      copy_rows(q.at(h, a), q.token, L, Lp, D, w.q_rows.data());
+      copy_rows(grad_out.at(h, a), grad_out.token, L, Lp, D, w.do_rows.data());
+      for (int64_t i = 0; i < tiles; i++) {
+        pack_b(B, D, D, w.q_rows.data() + i * B * D, w.q_packed.data() + i * B * D);
+        pack_b(B, D, D, w.do_rows.data() + i * B * D, w.do_packed.data() + i * B * D);
+      }
+      for (int64_t r = 0; r < Lp; r++) {
+        w.delta[r] = r < L ? dot(w.do_rows.data() + r * D, out.at(h, a + r), D) : 0.f;
+        w.lse_rows[r] = r < L ? *lse.at(h, a + r) : 0.f;
+      }
+      for (int64_t i = 0; i < tiles; i++) {  // query tile
+        const T* q_i = w.q_rows.data() + i * B * D;
+        const T* do_i = w.do_rows.data() + i * B * D;
+        for (int64_t j = 0; j <= i; j++) {  // key tile, causal
+          tile_mm(B, B, D, q_i, D, w.kT_packed.data() + j * D * B, false, w.s.data());
+          tile_mm(B, B, D, do_i, D, w.vT_packed.data() + j * D * B, false, w.dp.data());
+          softmax_backward_tile(w.s.data(), w.dp.data(), i * B, L, i == j, scale, w.lse_rows.data(),
+                                w.delta.data());
+          at::vec::convert(w.s.data(), w.p_lo.data(), B * B);
+          at::vec::convert(w.dp.data(), w.ds.data(), B * B);
+          transpose(w.p_lo.data(), B, B, B, w.pT.data(), B);
+          transpose(w.ds.data(), B, B, B, w.dsT.data(), B);
+          tile_mm(B, D, B, w.ds.data(), B, w.k_packed.data() + j * B * D, j > 0, w.acc.data());
+          tile_mm(B, D, B, w.dsT.data(), B, w.q_packed.data() + i * B * D, true, w.dk_acc.data() + j * B * D);
+          tile_mm(B, D, B, w.pT.data(), B, w.do_packed.data() + i * B * D, true, w.dv_acc.data() + j * B * D);
         }
-        std::fill(w.dk_acc.begin(), w.dk_acc.begin() + Lp * D, 0.f);
-        std::fill(w.dv_acc.begin(), w.dv_acc.begin() + Lp * D, 0.f);
-        for (int64_t g = 0; g < G; g++) {
-          const int64_t h = kvh * G + g;
-          copy_rows(q_p + h * q_h + a * q_t, q_t, L, Lp, D, w.q_rows.data());
-          copy_rows(do_p + h * do_h + a * do_t, do_t, L, Lp, D, w.do_rows.data());
-          for (int64_t i = 0; i < tiles; i++) {
-            pack_b(B, D, D, w.q_rows.data() + i * B * D, w.q_packed.data() + i * B * D);
-            pack_b(B, D, D, w.do_rows.data() + i * B * D, w.do_packed.data() + i * B * D);
-          }
-          for (int64_t r = 0; r < Lp; r++) {
-            w.delta[r] = r < L ? dot(w.do_rows.data() + r * D, o_p + h * o_h + (a + r) * o_t, D) : 0.f;
-            w.lse_rows[r] = r < L ? lse_p[h * lse_h + a + r] : 0.f;
-          }
-          for (int64_t i = 0; i < tiles; i++) {  // query tile
-            const T* q_i = w.q_rows.data() + i * B * D;
-            const T* do_i = w.do_rows.data() + i * B * D;
-            for (int64_t j = 0; j <= i; j++) {  // key tile, causal
-              tile_mm(B, B, D, q_i, D, w.kT_packed.data() + j * D * B, false, w.s.data());
-              tile_mm(B, B, D, do_i, D, w.vT_packed.data() + j * D * B, false, w.dp.data());
-              softmax_backward_tile(w.s.data(), w.dp.data(), i * B, L, i == j, scale, w.lse_rows.data(),
-                                    w.delta.data());
-              at::vec::convert(w.s.data(), w.p_lo.data(), B * B);
-              at::vec::convert(w.dp.data(), w.ds.data(), B * B);
-              transpose(w.p_lo.data(), B, B, B, w.pT.data(), B);
-              transpose(w.ds.data(), B, B, B, w.dsT.data(), B);
-              tile_mm(B, D, B, w.ds.data(), B, w.k_packed.data() + j * B * D, j > 0, w.dq_acc.data());
-              tile_mm(B, D, B, w.dsT.data(), B, w.q_packed.data() + i * B * D, true, w.dk_acc.data() + j * B * D);
-              tile_mm(B, D, B, w.pT.data(), B, w.do_packed.data() + i * B * D, true, w.dv_acc.data() + j * B * D);
-            }
-            store_rows(w.dq_acc.data(), std::min(B, L - i * B), D, dq_p + h * dq_h + (a + i * B) * dq_t, dq_t);
-          }
-        }
-        store_rows(w.dk_acc.data(), L, D, dk_p + kvh * dk_h + a * dk_t, dk_t);
-        store_rows(w.dv_acc.data(), L, D, dv_p + kvh * dv_h + a * dv_t, dv_t);
+        store_rows(w.acc.data(), std::min(B, L - i * B), D, dq.at(h, a + i * B), dq.token);
       }
     }
-    if constexpr (is_bf16<T>) cpublas::brgemm_release(true);
+    store_rows(w.dk_acc.data(), L, D, dk.at(kvh, a), dk.token);
+    store_rows(w.dv_acc.data(), L, D, dv.at(kvh, a), dv.token);
   });
+}
+
+std::vector<int64_t> boundaries(const at::Tensor& bounds) {
+  auto cuts = bounds.to(at::kLong).contiguous();
+  return std::vector<int64_t>(cuts.data_ptr<int64_t>(), cuts.data_ptr<int64_t>() + cuts.numel());
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, std::initializer_list<const at::Tensor*> all) {
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1, "q must be [1, heads, tokens, head_dim]");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, "bf16 or fp32 only");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of K/V heads");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.size(3) % 16 == 0, "bf16 needs head_dim a multiple of 16");
+  for (const at::Tensor* t : all)
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->stride(3) == 1, "same dtype, contiguous head_dim");
+}
+
+std::tuple<at::Tensor, at::Tensor> packed_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& bounds,
+                                                            double scale) {
+  check_inputs(q, k, {&q, &k, &v});
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({1, q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  const auto cuts = boundaries(bounds);
+  if (q.scalar_type() == at::kBFloat16) {
+    forward<at::BFloat16>(q, k, v, cuts, static_cast<float>(scale), out, lse);
+  } else {
+    forward<float>(q, k, v, cuts, static_cast<float>(scale), out, lse);
+  }
+  return {out, lse};
 }
 
 std::vector<at::Tensor> packed_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                                   const at::Tensor& lse, const at::Tensor& bounds, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1, "q must be [1, heads, tokens, head_dim]");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, "bf16 or fp32 only");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of K/V heads");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.size(3) % 16 == 0, "bf16 needs head_dim a multiple of 16");
-  for (const at::Tensor* t : {&grad_out, &q, &k, &v, &out}) {
-    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->stride(3) == 1, "same dtype, contiguous head_dim");
-  }
-  auto cuts_t = bounds.to(at::kLong).contiguous();
-  std::vector<int64_t> cuts(cuts_t.data_ptr<int64_t>(), cuts_t.data_ptr<int64_t>() + cuts_t.numel());
+  check_inputs(q, k, {&grad_out, &q, &k, &v, &out});
   auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
   auto lse_f = lse.to(at::kFloat).contiguous();
-  const float s = static_cast<float>(scale);
+  const auto cuts = boundaries(bounds);
   if (q.scalar_type() == at::kBFloat16) {
-    backward<at::BFloat16>(grad_out, q, k, v, out, lse_f, cuts, s, dq, dk, dv);
+    backward<at::BFloat16>(grad_out, q, k, v, out, lse_f, cuts, static_cast<float>(scale), dq, dk, dv);
   } else {
-    backward<float>(grad_out, q, k, v, out, lse_f, cuts, s, dq, dk, dv);
+    backward<float>(grad_out, q, k, v, out, lse_f, cuts, static_cast<float>(scale), dq, dk, dv);
   }
   return {dq, dk, dv};
 }
@@ -258,6 +368,8 @@ std::vector<at::Tensor> packed_attention_backward(const at::Tensor& grad_out, co
 }  // namespace
 
 TORCH_LIBRARY(tunelab_kernels, m) {
+  m.def("packed_attention_forward(Tensor q, Tensor k, Tensor v, Tensor bounds, float scale) -> (Tensor, Tensor)");
+  m.impl("packed_attention_forward", c10::DispatchKey::CPU, TORCH_FN(packed_attention_forward));
   m.def("packed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor bounds, float scale) -> Tensor[]");
   m.impl("packed_attention_backward", c10::DispatchKey::CPU, TORCH_FN(packed_attention_backward));
