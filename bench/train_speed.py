@@ -123,7 +123,7 @@ def main() -> None:
                             "--worker", str(model_dir), str(data), variant]))
         results[-1].setdefault("peer", f"tunelab {a.method} {VARIANTS[variant]}")
     if not a.only:
-        peer = str(shared / "bench/peer_hf_trainer.py") if a.method == "lora" else str(HERE / "peer_full_finetune.py")
+        peer = str(Path(a.shared) / "bench/peer_hf_trainer.py") if a.method == "lora" else str(HERE / "peer_full_finetune.py")
         base = [sys.executable, peer, str(model_dir), str(data), "--steps", str(a.steps), "--batch", "8",
                 "--max-len", "512"]
         for name, extra in [("HF Trainer, documented (fp32)", []), ("HF Trainer + bf16", ["--bf16"]),

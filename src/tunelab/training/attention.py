@@ -8,13 +8,15 @@ each example's slice instead (its fast flash kernel, no mask), using the `cu_seq
 boundaries the collator passes, as flash-attn's varlen kernels do. Batches without those
 boundaries (padded batches, generation) fall through to transformers' own SDPA.
 
-Inside torch.compile, the same attention runs as one custom op instead:
-- the forward is the same CPU flash kernel, example by example, keeping its log-sum-exp;
-- the backward is our own: on CPUs where tunelab's C++ kernel builds (kernels.py), one fused call
-  per layer walks the causal score tiles of every example (csrc/packed_attention.cpp); elsewhere,
-  per example, recompute the scores with one matmul, softmax from the saved log-sum-exp, then four
-  more matmuls, with the elementwise work fused by torch.compile. PyTorch's CPU flash backward takes
-  ~9x its forward here; the per-example path ~2/3 of its time, the kernel ~1/5 (bench/RESULTS.md).
+Inside torch.compile, and uncompiled where tunelab's C++ kernels run it, the same attention is one
+custom op instead:
+- on CPUs where the kernels build (kernels.py, csrc/packed_attention.cpp), forward and backward are
+  one call per layer for all examples, over 64 x 64 tiles of each causal score matrix;
+- elsewhere the forward is the CPU flash kernel example by example, keeping its log-sum-exp, and
+  the backward our own per example: recompute the scores with one matmul, softmax from the saved
+  log-sum-exp, then four more matmuls, the elementwise work fused by torch.compile;
+- per layer of the bench's batch, forward + backward take 41.7 ms with PyTorch's flash kernels, 20.9
+  ms on the PyTorch path, 9.5 ms with the kernels (bench/attention_backward.py, bench/RESULTS.md);
 - being one opaque op, it lets torch.compile see the whole decoder as one graph: the per-example
   loop (a .tolist() of the boundaries) otherwise breaks the graph in every layer.
 """
@@ -38,12 +40,14 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if bounds is None or attention_mask is not None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    # the op calls CPU kernels; on a GPU the SDPA loop below runs, compiled or not
-    if torch.compiler.is_compiling() and query.device.type == "cpu" and not (dropout and module.training):
+    # a custom op is invisible to autocast: cast as autocast casts SDPA (rope leaves q, k in fp32
+    # when the weights are, while v comes out of the matmul in bf16)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    # the op runs CPU kernels (on a GPU the SDPA loop below runs, compiled or not). Uncompiled, it
+    # pays only with tunelab's C++ kernels: its PyTorch backward would compile itself first
+    if query.device.type == "cpu" and not (dropout and module.training) and (
+            torch.compiler.is_compiling() or kernels.attention_kernels(dtype, query.shape[-1]) is not None):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        # a custom op is invisible to autocast: cast as autocast casts SDPA (rope leaves q, k in fp32
-        # when the weights are, while v comes out of the matmul in bf16)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out, _ = torch.ops.tunelab.packed_attention(query, key, value, bounds, scale)
         return out.transpose(1, 2).contiguous(), None
