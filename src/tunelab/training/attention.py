@@ -67,8 +67,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
     Returns the output [1, H, T, D] and the log-sum-exp of the scaled scores [1, H, T] (fp32)."""
     fused = kernels.attention_kernels(q.dtype, q.shape[-1]) if q.device.type == "cpu" else None
     if fused is not None:
-        return fused.packed_attention_forward(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)),
-                                              bounds, scale)
+        return fused.packed_attention_forward(*_dense_rows(q, k, v), bounds, scale)
     outs, lses = [], []
     cuts = bounds.tolist()
     for a, b in zip(cuts[:-1], cuts[1:]):  # the CPU flash kernel takes grouped K/V heads as they are
@@ -77,6 +76,11 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _dense_rows(*tensors):
+    """The C++ kernels take any token and head strides but need each head's D values side by side."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
 @packed_attention.register_fake
@@ -90,8 +94,7 @@ def packed_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fused = kernels.attention_kernels(q.dtype, q.shape[-1]) if q.device.type == "cpu" else None
     if fused is not None:
-        dq, dk, dv = fused.packed_attention_backward(*(t if t.stride(-1) == 1 else t.contiguous() for t in (grad_out, q, k, v, out)),
-                           lse, bounds, scale)
+        dq, dk, dv = fused.packed_attention_backward(*_dense_rows(grad_out, q, k, v, out), lse, bounds, scale)
         return dq, dk, dv
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake says
     cuts = bounds.tolist()

@@ -10,6 +10,7 @@ attention.py keeps its pure-PyTorch path: the kernels change speed, never what a
 import functools
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ def _load() -> bool:
     from torch.utils.cpp_extension import load
 
     capability = torch.backends.cpu.get_cpu_capability()
+    started = time.perf_counter()
     try:
         load(name=f"tunelab_kernels_{capability.lower()}", sources=[str(s) for s in SOURCES],
              extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *_ARCH_FLAGS[capability]],
@@ -72,6 +74,9 @@ def _load() -> bool:
         first_error = next((line for line in lines if "error" in line), lines[-1])  # the compiler's, not ninja's
         _say_once(f"could not build tunelab's CPU kernels ({first_error[:300]}); using PyTorch paths")
         return False
+    if time.perf_counter() - started > 2:  # a build, not a cache hit
+        info(f"[dim]built tunelab's CPU kernels in {time.perf_counter() - started:.0f} s "
+             "(once: later runs load them from ~/.cache/torch_extensions)[/dim]")
     return True
 
 

@@ -1,17 +1,19 @@
-// Fused backward of causal attention over packed examples, for CPUs.
+// Causal attention over packed examples, forward and backward, for CPUs.
 //
-// Why: the per-example backward in attention.py (five matmuls and a compiled softmax kernel per
-// example, per layer) spends most of its time outside the matmuls: calls, temporaries of L x L
-// scores in memory, one oneDNN primitive per new length. Here one call does a whole layer: threads
-// take (example, K/V head) items, and each item walks 64 x 64 tiles of the causal score matrix the
-// way flash attention's backward does, with the scores, probabilities and their gradients living
-// only in per-thread tile buffers. The tile products are oneDNN brgemm micro-kernels, which PyTorch
-// exports as at::native::cpublas::brgemm: AMX for bf16 (B operands packed to VNNI), AVX for fp32.
-// Every tile has the same shape, so the micro-kernels are generated once, not once per length.
+// Why: run example by example (PyTorch's flash kernel forward, our compiled backward in
+// attention.py), a layer's attention spends most of its time outside the matmuls: calls,
+// temporaries of L x L scores in memory, one oneDNN primitive per new length. Here one call does a
+// whole layer: threads take (example, K/V head) items, and each item walks 64 x 64 tiles of the
+// causal score matrix the way flash attention does, with the scores, probabilities and their
+// gradients living only in per-thread tile buffers. The tile products are oneDNN brgemm
+// micro-kernels, which PyTorch exports as at::native::cpublas::brgemm: AMX for bf16 (B operands
+// packed to VNNI), AVX for fp32. Every tile has the same shape, so the micro-kernels are generated
+// once, not once per length. bench/attention_backward.py times it against both PyTorch paths.
 //
-// Math (one query head h on its K/V head, 1/sqrt(d) folded into `scale`; lse from the forward):
-//   P = exp(scale * Q K^T - lse)  (causal)      dP = dO V^T          delta = rowsum(dO * O)
-//   dS = P * (dP - delta) * scale               dQ = dS K    dK = dS^T Q    dV = P^T dO
+// Math (one query head h on its K/V head, 1/sqrt(d) folded into `scale`):
+//   forward:  P = softmax(scale * Q K^T)  (causal)   O = P V   lse = log-sum-exp of the scaled scores
+//   backward: P = exp(scale * Q K^T - lse)   dP = dO V^T   delta = rowsum(dO * O)
+//             dS = P * (dP - delta) * scale   dQ = dS K    dK = dS^T Q    dV = P^T dO
 // dK and dV add up over the query heads that share a K/V head (grouped-query attention).
 
 #include <ATen/ATen.h>
