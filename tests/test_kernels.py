@@ -78,3 +78,10 @@ def test_a_failed_build_says_why_and_keeps_the_pytorch_path(monkeypatch, capsys)
     assert "could not build tunelab's CPU kernels" in said and "fatal error" in said
     monkeypatch.setenv("TUNELAB_CPU_KERNELS", "0")
     assert kernels._load.__wrapped__() is False
+
+
+def test_the_run_manifest_says_whether_the_kernels_can_run(monkeypatch):
+    from tunelab.runs import environment_info
+
+    monkeypatch.setenv("TUNELAB_CPU_KERNELS", "0")
+    assert environment_info()["hardware"]["cpu_kernels"] == "TUNELAB_CPU_KERNELS=0"

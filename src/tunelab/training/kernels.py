@@ -50,7 +50,7 @@ def missing_prerequisite() -> "str | None":
         return f"tunelab's CPU kernels need AVX2 or AVX-512 (this CPU: {capability})"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) for tunelab's CPU kernels (install g++ for ~25% faster training)"
+        return f"no C++ compiler ({compiler}) for tunelab's CPU kernels (install g++ for ~30-60% faster training)"
     return None
 
 
