@@ -190,7 +190,7 @@ inline void softmax_forward_tiles(float* s, int64_t i, int64_t L, float scale, f
     for (int64_t c = 0; c < visible; c += Vec::size()) {
       const float* p = s + (c / B) * B * B + r * B + c % B;  // c steps within a tile: B is a multiple
       const int64_t n = std::min<int64_t>(Vec::size(), visible - c);
-      vmax = at::vec::maximum(vmax, Vec::set(minus_inf, Vec::loadu(p, n), n));
+      vmax = at::vec::maximum(vmax, n == Vec::size() ? Vec::loadu(p) : Vec::set(minus_inf, Vec::loadu(p, n), n));
     }
     const float max = reduce(vmax, [](float a, float b) { return std::max(a, b); }) * scale;
     const Vec vrow_max(max);
@@ -198,7 +198,8 @@ inline void softmax_forward_tiles(float* s, int64_t i, int64_t L, float scale, f
     for (int64_t c = 0; c < (i + 1) * B; c += Vec::size()) {
       float* p = s + (c / B) * B * B + r * B + c % B;
       const int64_t n = std::clamp<int64_t>(visible - c, 0, Vec::size());
-      const Vec e = n > 0 ? Vec::set(zero, (Vec::loadu(p) * vscale - vrow_max).exp_u20(), n) : zero;
+      Vec e = n > 0 ? (Vec::loadu(p) * vscale - vrow_max).exp_u20() : zero;
+      if (n > 0 && n < Vec::size()) e = Vec::set(zero, e, n);
       e.store(p);
       vsum = vsum + e;
     }
