@@ -96,12 +96,8 @@ def total_ram_gb() -> float:
 
 
 def describe_hardware() -> dict:
-    from tunelab.training.kernels import missing_prerequisite
-
     info = {"device": device().type, "cpu_cores": physical_cores(), "ram_gb": round(total_ram_gb(), 1),
-            "cpu_fast_bf16": cpu_has_fast_bf16(), "auto_dtype": str(resolve_dtype("auto")).replace("torch.", ""),
-            # whether packed attention can run tunelab's C++ kernels here (their rounding differs slightly)
-            "cpu_kernels": missing_prerequisite() or "available"}
+            "cpu_fast_bf16": cpu_has_fast_bf16(), "auto_dtype": str(resolve_dtype("auto")).replace("torch.", "")}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

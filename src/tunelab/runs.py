@@ -117,6 +117,7 @@ def environment_info() -> dict:
     import importlib.metadata as md
 
     from tunelab.hardware import describe_hardware
+    from tunelab.training.kernels import missing_prerequisite
 
     versions = {}
     for pkg in ("tunelab", "torch", "transformers", "peft", "accelerate", "datasets"):
@@ -125,7 +126,9 @@ def environment_info() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     return {"python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions, "hardware": describe_hardware()}
+            "versions": versions,
+            # cpu_kernels: whether packed attention can run tunelab's C++ kernels (their rounding differs slightly)
+            "hardware": {**describe_hardware(), "cpu_kernels": missing_prerequisite() or "available"}}
 
 
 def write_manifest(run_dir: "str | Path", info: dict) -> None:

@@ -102,7 +102,7 @@ struct Scratch {
   std::vector<T> k_rows, v_rows, kT, vT, kT_packed, vT_packed, k_packed, v_packed;  // one example's K/V head
   std::vector<T> q_rows, do_rows, q_packed, do_packed;                               // one query head
   std::vector<T> p_lo, ds, pT, dsT;                                                  // tiles
-  std::vector<float> dk_acc, dv_acc, lse_rows, delta, acc, s, dp;
+  std::vector<float> dk_acc, dv_acc, lse_rows, delta, row_sum, acc, s, dp;
 
   void reserve(int64_t padded_len, int64_t D) {
     auto grow = [](auto& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
@@ -113,6 +113,7 @@ struct Scratch {
     for (auto* v : {&ds, &pT, &dsT}) grow(*v, B * B);
     for (auto* v : {&dk_acc, &dv_acc}) grow(*v, padded_len * D);
     for (auto* v : {&lse_rows, &delta}) grow(*v, padded_len);
+    grow(row_sum, B);
     grow(acc, B * D);
     grow(s, B * padded_len);
     grow(dp, B * B);
@@ -226,13 +227,13 @@ void forward(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t
         for (int64_t j = 0; j <= i; j++)
           tile_mm(B, B, D, w.q_rows.data() + i * B * D, D, w.kT_packed.data() + j * D * B, false,
                   w.s.data() + j * B * B);
-        softmax_forward_tiles(w.s.data(), i, L, scale, w.lse_rows.data(), w.delta.data());
+        softmax_forward_tiles(w.s.data(), i, L, scale, w.lse_rows.data(), w.row_sum.data());
         at::vec::convert(w.s.data(), w.p_lo.data(), (i + 1) * B * B);
         for (int64_t j = 0; j <= i; j++)  // O = exp(S - max) V / sum
           tile_mm(B, D, B, w.p_lo.data() + j * B * B, B, w.v_packed.data() + j * B * D, j > 0, w.acc.data());
         const int64_t rows = std::min(B, L - i * B);
         for (int64_t r = 0; r < rows; r++) {
-          const Vec inv(1.f / w.delta[r]);
+          const Vec inv(1.f / w.row_sum[r]);
           for (int64_t d = 0; d < D; d += Vec::size()) {
             const int64_t n = std::min<int64_t>(Vec::size(), D - d);
             (Vec::loadu(w.acc.data() + r * D + d, n) * inv).store(w.acc.data() + r * D + d, n);
