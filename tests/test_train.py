@@ -130,6 +130,31 @@ def test_merged_export_matches_base_plus_adapter(tiny_config, tmp_path):
         assert not torch.allclose(base(input_ids=ids).logits, b, atol=1e-4)
 
 
+def test_compiled_decoder_computes_rope_outside_its_graph(tiny_model_dir):
+    """cos and sin come from one eager call a step, not from sines inlined into every layer's kernels;
+    the compiled model still gives the eager logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.training.loop import compile_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rope, calls = model.model.rotary_emb, []
+    inner = rope.forward
+
+    def spy(*args, **kwargs):  # runs at every call when eager; compiled in, only while tracing
+        calls.append(torch.compiler.is_compiling())
+        return inner(*args, **kwargs)
+
+    rope.forward = spy
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compile_blocks(model)
+        compiled = [model(input_ids=ids[:, :n]).logits for n in (6, 4, 6)]
+    assert calls == [False] * 4
+    assert torch.allclose(compiled[0], eager, atol=1e-5) and torch.allclose(compiled[1], eager[:, :4], atol=1e-5)
+
+
 def test_unknown_export_format_names_the_known_ones(tiny_config):
     with pytest.raises(tunelab.TunelabError, match="unknown; use one of: merged, gguf, gguf-adapter, ollama"):
         tunelab.export("whatever", format="onnx")
