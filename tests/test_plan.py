@@ -112,8 +112,8 @@ def test_gguf_metadata_gives_smollm2_numbers():
 
 # --- the activation term is what our loop saves -----------------------------------------------
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_activation_bytes_match_what_autograd_saves_in_our_loop(method):
+@pytest.mark.parametrize("method,dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.1)])
+def test_activation_bytes_match_what_autograd_saves_in_our_loop(method, dropout):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.config.schema import LoraConfig
@@ -130,7 +130,7 @@ def test_activation_bytes_match_what_autograd_saves_in_our_loop(method):
             model = model.to(torch.bfloat16)
         use_packed_attention(model.train())
         if method == "lora":
-            model = apply_lora(model, LoraConfig(rank=8, dropout=0.0))
+            model = apply_lora(model, LoraConfig(rank=8, dropout=dropout))
         t = 96  # no model dimension is 96 or 48, so weight-shaped saved tensors are weight copies
         ids = torch.randint(0, 1000, (1, t))
         batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(48).repeat(2)[None],
@@ -153,7 +153,7 @@ def test_activation_bytes_match_what_autograd_saves_in_our_loop(method):
 
     per_layer_measured = (saved_bytes(3) - saved_bytes(1)) / 2 / 96
     arch = read_config_json.__globals__["Arch"]("t", 1000, 128, 352, 1, 4, 2, 32, True)
-    predicted = activation_bytes_per_token_layer(arch, Setup(method=method, lora_rank=8, lora_dropout=0.0))
+    predicted = activation_bytes_per_token_layer(arch, Setup(method=method, lora_rank=8, lora_dropout=dropout))
     assert per_layer_measured == pytest.approx(predicted, rel=0.1)
 
 

@@ -6,8 +6,8 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   With train.weight_dtype bf16: weights, gradients and both moments are bf16, and no copies.
 - lora: the frozen base is loaded in the compute dtype (bf16: 2 bytes/param); adapters, their
   gradients and moments are fp32. qlora: the base's linear layers in 4-bit nf4.
-- the loss never holds [tokens x vocab] logits: the head runs CHUNK (512) answer rows at a time,
-  recomputed in backward (training/loss.py), so the logits term is bounded by the chunk.
+- the loss never holds [tokens x vocab] logits: the head runs CHUNK (256) answer rows at a time,
+  its gradient made in the forward (training/loss.py), so the logits term is bounded by the chunk.
 - packed rows: a micro batch is micro_batch_size * max_seq_len tokens at most, without padding.
 - activations are the tensors autograd saves per token and layer (counted with saved-tensor hooks
   on this loop: full 26h+6q+4kv+8i bytes, bf16 LoRA 20h+6q+4kv+8i, h hidden, q/kv attention
@@ -22,7 +22,7 @@ from tunelab.planning.arch import Arch
 
 GiB = 2 ** 30
 MiB = 2 ** 20
-CHUNK = 512  # rows of the chunked cross-entropy (training/loss.py)
+CHUNK = 256  # rows of the chunked cross-entropy (training/loss.py)
 
 # Measured on this loop (bench/plan_accuracy.py, SmolLM2-135M, 2-core Zen 5, torch 2.13 CPU):
 CPU_RUNTIME_BYTES = 441 * MiB       # python + torch + transformers + peft + accelerate, imported
@@ -104,9 +104,13 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
         per = 20 * h + 6 * q + 4 * kv + 8 * i
     elif s.method == "full":
         per = (26 * h + 6 * q + 4 * kv + 8 * i) if low else (24 * h + 12 * q + 8 * kv + 16 * i)
-    else:
-        per = (20 * h + 6 * q + 4 * kv + 8 * i) if low else (40 * h + 12 * q + 8 * kv + 16 * i)
-        if s.lora_dropout > 0:  # peft's dropout keeps a dropped copy of each adapter input and its mask
+    elif s.method == "lora" and low:  # tunelab's LoRA forward: the adapters share the base's bf16 input
+        per = 12 * h + 6 * q + 4 * kv + 8 * i
+        if s.lora_dropout > 0:  # dropout keeps a dropped copy of each adapter input and its mask
+            per += 16 * h + 2 * q + 2 * i
+    else:  # peft's forward (qlora; fp32 compute) casts each adapter's input to fp32 first
+        per = (18 * h + 6 * q + 4 * kv + 8 * i) if low else (40 * h + 12 * q + 8 * kv + 16 * i)
+        if s.lora_dropout > 0:
             per += (20 * h + 4 * q + 4 * i) * (1 if low else 2)
         per += 2 * s.lora_rank * len(arch.linears()) * (1 if low else 2)
     return float(per)
