@@ -10,7 +10,7 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   its gradient made in the forward (training/loss.py), so the logits term is bounded by the chunk.
 - packed rows: a micro batch is micro_batch_size * max_seq_len tokens at most, without padding.
 - activations are the tensors autograd saves per token and layer (counted with saved-tensor hooks
-  on this loop: full 26h+6q+4kv+8i bytes, bf16 LoRA 20h+6q+4kv+8i, h hidden, q/kv attention
+  on this loop: full 26h+6q+4kv+8i bytes, bf16 LoRA 12h+6q+4kv+8i, h hidden, q/kv attention
   widths, i MLP width). On a CPU, glibc's heap keeps freed activation memory mapped, so peak RSS
   is ~1.6x (full) / ~1.8x (LoRA) the saved bytes, plus ~2 bytes x vocab per token: fitted to runs
   of this loop on a 4-layer and a 30-layer model, applied on CPUs only.
@@ -105,7 +105,7 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
     elif s.method == "full":
         per = (26 * h + 6 * q + 4 * kv + 8 * i) if low else (24 * h + 12 * q + 8 * kv + 16 * i)
     elif s.method == "lora" and low:  # tunelab's LoRA forward: the adapters share the base's bf16 input
-        per = 12 * h + 6 * q + 4 * kv + 8 * i
+        per = 12 * h + 6 * q + 4 * kv + 8 * i + 2 * s.lora_rank * len(arch.linears())
         if s.lora_dropout > 0:  # dropout keeps a dropped copy of each adapter input and its mask
             per += 16 * h + 2 * q + 2 * i
     else:  # peft's forward (qlora; fp32 compute) casts each adapter's input to fp32 first
