@@ -104,14 +104,16 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
         per = 20 * h + 6 * q + 4 * kv + 8 * i
     elif s.method == "full":
         per = (26 * h + 6 * q + 4 * kv + 8 * i) if low else (24 * h + 12 * q + 8 * kv + 16 * i)
-    elif s.method == "lora" and low:  # tunelab's LoRA forward: the adapters share the base's bf16 input
-        per = 12 * h + 6 * q + 4 * kv + 8 * i + 2 * s.lora_rank * len(arch.linears())
-        if s.lora_dropout > 0:  # dropout keeps a dropped copy of each adapter input and its mask
-            per += 16 * h + 2 * q + 2 * i
-    else:  # peft's forward (qlora; fp32 compute) casts each adapter's input to fp32 first
-        per = (18 * h + 6 * q + 4 * kv + 8 * i) if low else (40 * h + 12 * q + 8 * kv + 16 * i)
+    else:
+        # dropout keeps a dropped copy of each adapter input and its mask
+        if s.method == "lora" and low:  # tunelab's LoRA forward: the adapters share the base's bf16 input
+            per, dropped = 12 * h + 6 * q + 4 * kv + 8 * i, 16 * h + 2 * q + 2 * i
+        elif low:  # peft's forward (qlora) casts each adapter's input to fp32 first
+            per, dropped = 18 * h + 6 * q + 4 * kv + 8 * i, 20 * h + 4 * q + 4 * i
+        else:
+            per, dropped = 40 * h + 12 * q + 8 * kv + 16 * i, 40 * h + 8 * q + 8 * i
         if s.lora_dropout > 0:
-            per += (20 * h + 4 * q + 4 * i) * (1 if low else 2)
+            per += dropped
         per += 2 * s.lora_rank * len(arch.linears()) * (1 if low else 2)
     return float(per)
 

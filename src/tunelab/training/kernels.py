@@ -74,8 +74,9 @@ def _load() -> bool:
         first_error = next((line for line in lines if "error" in line), lines[-1])  # the compiler's, not ninja's
         _say_once(f"could not build tunelab's CPU kernels ({first_error[:300]}); using PyTorch paths")
         return False
-    if time.perf_counter() - started > 2:  # a build, not a cache hit
-        info(f"[dim]built tunelab's CPU kernels in {time.perf_counter() - started:.0f} s "
+    seconds = time.perf_counter() - started
+    if seconds > 2:  # a build, not a cache hit
+        info(f"[dim]built tunelab's CPU kernels in {seconds:.0f} s "
              "(once: later runs load them from ~/.cache/torch_extensions)[/dim]")
     return True
 
