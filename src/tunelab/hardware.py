@@ -12,7 +12,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @lru_cache(maxsize=1)
-@lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
