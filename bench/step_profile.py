@@ -122,10 +122,10 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from tunelab.planning.timing import matmul_tflops
+    from tunelab.planning.timing import matmul_peak_tflops
 
     conf = AutoConfig.from_pretrained(model_dir)
-    peak = matmul_tflops(torch.bfloat16) * 1e12
+    peak = matmul_peak_tflops(torch.bfloat16) * 1e12
     events, seconds, tokens = profile_steps(model_dir, data, a.method, a.variant, a.steps)
     parts = sort_into_parts(events, conf.vocab_size, LORA_RANK if a.method == "lora" else None)
     per_step = seconds / a.steps

@@ -114,9 +114,9 @@ def main() -> None:
 
     import torch
 
-    from tunelab.planning.timing import matmul_tflops
+    from tunelab.planning.timing import matmul_peak_tflops
 
-    peak = matmul_tflops(torch.bfloat16) * 1000  # GFLOP/s
+    peak = matmul_peak_tflops(torch.bfloat16) * 1000  # GFLOP/s
     results = []
     for variant in variants(a.method):  # compiled first: it is the headline figure
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
@@ -135,7 +135,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     conf = AutoConfig.from_pretrained(model_dir)
-    print(f"\nbf16 matmul peak here: {peak:.0f} GFLOP/s; {a.steps} steps of 8 rows, first step untimed "
+    print(f"\nbf16 matmul peak here: {peak:.0f} GFLOP/s (best n x n matmul, n 1024-3072); {a.steps} steps of 8 rows, first step untimed "
           "(it holds the one-time compile)\n")
     head = f"{'setup':48} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
     print(head)
