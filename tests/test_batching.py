@@ -106,15 +106,18 @@ def test_packed_attention_op_matches_sdpa(backward, monkeypatch):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch, compiled):
+@pytest.mark.parametrize("chunk,pad_rows", [(4, 1), (4, 8)])
+def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch, compiled, chunk, pad_rows):
     """The chunked head with its gradient made in forward changes memory, not numbers: same loss, same
-    gradients (the head is tied to the embeddings: both gradient paths must add up)."""
+    gradients (the head is tied to the embeddings: both gradient paths must add up). 6 targets make
+    chunks of 4 and 2 rows; with pad_rows 8 both are padded with zero rows, which must change nothing."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     import tunelab.training.loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "CHUNK", 2)  # 6 targets -> 3 chunks
+    monkeypatch.setattr(loss_mod, "CHUNK", chunk)
+    monkeypatch.setattr(loss_mod, "PAD_ROWS", pad_rows)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     batch = collate_packed(_items())
     chunked, n = loss_mod.token_loss_sum(model, batch, compiled)
@@ -129,4 +132,6 @@ def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch, compi
     assert n == 6
     assert torch.allclose(chunked, direct, atol=1e-4)
     assert torch.allclose(g_chunked, model.model.embed_tokens.weight.grad, atol=1e-6)
+    with torch.no_grad():  # the validation loss's path: no gradients made
+        assert torch.allclose(loss_mod.token_loss_sum(model, batch, compiled)[0], direct, atol=1e-4)
     assert not hasattr(model.lm_head, "__dict__") or "forward" not in model.lm_head.__dict__  # head restored

@@ -25,6 +25,11 @@ from tunelab.data.encode import IGNORE
 # the softmax and the gradient's product: 130 ms per 1024 rows against 215 ms with 512 (LoRA; full
 # fine-tuning's head is no faster or slower), bench/RESULTS.md
 CHUNK = 256
+# The last, shorter chunk is padded with zero rows to a multiple of this. oneDNN builds a matmul kernel
+# for every new row count (8-35 ms for the head's [rows x 49k] x [49k x 576] product, measured with
+# ONEDNN_VERBOSE), and the last chunk's row count was new nearly every step; padded, it takes one of
+# 8 sizes. Zero rows add nothing to the head's gradient and their loss is left out.
+PAD_ROWS = 32
 
 
 def token_loss_sum(model, batch: dict, compiled: bool = False) -> tuple[torch.Tensor, int]:
@@ -63,13 +68,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), CHUNK):
             rows = slice(start, start + CHUNK)
+            chunk_h, chunk_targets, valid = _padded(h[rows], targets[rows])
             if not (want_h or want_w):
-                total += F.cross_entropy((h[rows] @ w.T).float(), targets[rows], reduction="sum")
+                logits = (chunk_h @ w.T).float()
+                total += F.cross_entropy(logits[:valid], chunk_targets[:valid], reduction="sum")
                 continue
-            loss, chunk_grad_h = chunk_loss_and_grads(h[rows], w, targets[rows], grad_w)
+            loss, chunk_grad_h = chunk_loss_and_grads(chunk_h, w, chunk_targets, grad_w, valid)
             total += loss
             if want_h:
-                grad_h[rows] = chunk_grad_h
+                grad_h[rows] = chunk_grad_h[:valid]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -81,16 +88,29 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
 
 
-def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_w: "torch.Tensor | None"):
-    """Summed cross-entropy of the rows `h @ w.T` against `targets`, and the gradient for h; the
-    gradient for w is added to `grad_w` in place. Gradients of the summed loss: the
+def _padded(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The chunk's rows with zero rows appended up to a multiple of PAD_ROWS (target 0), and how many
+    rows are real."""
+    valid = len(targets)
+    pad = -valid % PAD_ROWS
+    if pad:
+        h = F.pad(h, (0, 0, 0, pad))
+        targets = F.pad(targets, (0, pad))
+    return h, targets, valid
+
+
+def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_w: "torch.Tensor | None",
+                          valid: int):
+    """Summed cross-entropy of the first `valid` rows of `h @ w.T` against `targets`, and the gradient
+    for h (the rows after `valid` are zero padding: their gradient rows are not used, and they add
+    nothing to w's); the gradient for w is added to `grad_w` in place. Gradients of the summed loss: the
     logits' is softmax - one-hot. Compiled, the softmax is one fused kernel and the one-hot a
     separate one-element-per-row update (a scatter inside the fused kernel made it twice as slow),
     and the bf16 product is summed into grad_w without an fp32 copy (bench/RESULTS.md)."""
     logits = h @ w.T
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    loss = (lse - x.gather(1, targets[:, None]).squeeze(1))[:valid].sum()
     grad = torch.exp(x - lse[:, None]).to(logits.dtype)
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
     if grad_w is not None:
