@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from train_speed import LORA_RANK, N_LORA, N_PARAMS, VARIANTS, bench_inputs, flops_per_token, tunelab_config
+from tunelab.data.encode import IGNORE
+
+from train_speed import LORA_RANK, N_HEAD, N_LORA, N_PARAMS, VARIANTS, bench_inputs, flops_per_token, tunelab_config
 
 HERE = Path(__file__).resolve().parent
 WAIT = 2  # training steps before the profiled ones: the first holds the compile, the second warms up
@@ -37,7 +39,7 @@ GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 def profile_steps(model_dir: Path, data: Path, method: str, variant: str, steps: int):
     """Train WAIT + steps + 1 steps and profile `steps` of them. Returns the profiler's events, the
-    wall seconds and the tokens of the profiled steps.
+    wall seconds, and the tokens and answer tokens (the head's rows) of the profiled steps.
 
     The profiler's own steps are marked at each training step's forward, so its step 0 is the setup
     (model loading) and its step k the training step k - 1: waiting WAIT steps and warming up one
@@ -45,7 +47,7 @@ def profile_steps(model_dir: Path, data: Path, method: str, variant: str, steps:
     import tunelab
     import tunelab.training.loop as loop
 
-    starts, tokens, events = [], [], []
+    starts, tokens, answers, events = [], [], [], []
     prof = torch.profiler.profile(record_shapes=True,
                                   schedule=torch.profiler.schedule(wait=WAIT, warmup=1, active=steps),
                                   on_trace_ready=lambda p: events.extend(p.events()))
@@ -55,6 +57,7 @@ def profile_steps(model_dir: Path, data: Path, method: str, variant: str, steps:
         starts.append(time.perf_counter())  # before prof.step(): the last one processes the trace
         prof.step()
         tokens.append(batch["input_ids"].numel())
+        answers.append(int((batch["labels"][:, 1:] != IGNORE).sum()))
         return real_loss(model, batch, compiled)
 
     loop.token_loss_sum = marked_loss
@@ -63,7 +66,8 @@ def profile_steps(model_dir: Path, data: Path, method: str, variant: str, steps:
             tunelab.train(tunelab_config(str(model_dir), str(data), WAIT + steps + 1, method, variant), quiet=True)
     finally:
         loop.token_loss_sum = real_loss
-    return events, starts[WAIT + steps] - starts[WAIT], sum(tokens[WAIT:WAIT + steps])
+    timed = slice(WAIT, WAIT + steps)
+    return events, starts[WAIT + steps] - starts[WAIT], sum(tokens[timed]), sum(answers[timed])
 
 
 def gemm_flops(event) -> float:
@@ -126,13 +130,13 @@ def main() -> None:
 
     conf = AutoConfig.from_pretrained(model_dir)
     peak = matmul_peak_tflops(torch.bfloat16) * 1e12
-    events, seconds, tokens = profile_steps(model_dir, data, a.method, a.variant, a.steps)
+    events, seconds, tokens, answers = profile_steps(model_dir, data, a.method, a.variant, a.steps)
     parts = sort_into_parts(events, conf.vocab_size, LORA_RANK if a.method == "lora" else None)
     per_step = seconds / a.steps
     rows = [(name, s / a.steps, flops) for name, (s, flops) in parts.items()]
     rows.append(("everything else", per_step - sum(r[1] for r in rows), 0.0))
-    model_flops = tokens / a.steps * flops_per_token(a.method, N_PARAMS, N_LORA, conf.num_hidden_layers,
-                                                     conf.hidden_size, tokens / a.steps / 8 / 2)
+    model_flops = tokens / a.steps * flops_per_token(a.method, N_PARAMS, N_LORA, N_HEAD, conf.num_hidden_layers,
+                                                     conf.hidden_size, tokens / a.steps / 8, answers / tokens)
     print(f"\ntunelab {a.method} {VARIANTS[a.variant]}: {per_step:.2f} s a step, {tokens / a.steps:.0f} tokens "
           f"a step ({tokens / seconds:.0f} tokens/s), MFU {model_flops / per_step / peak:.1%} "
           f"(bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; {a.steps} steps profiled)\n")

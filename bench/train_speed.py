@@ -26,16 +26,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def flops_per_token(method: str, n_params: float, n_lora: float, layers: int, hidden: int, seq: float) -> float:
+def flops_per_token(method: str, n_params: float, n_lora: float, n_head: float, layers: int, hidden: int,
+                    seq: float, head_fraction: float = 1.0) -> float:
     """Training FLOPs per token. Full: 6N (forward 2N, backward 4N). LoRA: the frozen base needs no
-    weight gradients, so 4N, plus 6 per adapter parameter. Causal attention adds 6*layers*seq*hidden
-    (scores and values, forward and backward, halved for the causal mask)."""
-    base = 6 * n_params if method == "full" else 4 * n_params + 6 * n_lora
+    weight gradients, so 4N, plus 6 per adapter parameter. The output head's share of N (n_head)
+    counts only for the tokens it runs on (head_fraction): tunelab trains on the answer tokens by
+    default and never applies the head to the prompt's; the peers apply it everywhere. Causal
+    attention adds 6*layers*seq*hidden for an example of seq tokens (scores and values, forward and
+    backward, half the pairs for the mask); seq is the mean example length, which slightly
+    undercounts batches of uneven lengths (a token costs its own example's length)."""
+    per_weight = 6 if method == "full" else 4
+    base = per_weight * (n_params - n_head + n_head * head_fraction) + (6 * n_lora if method == "lora" else 0)
     return base + 6 * layers * seq * hidden
 
 
 LORA_RANK = 16
 N_PARAMS, N_LORA = 134.5e6, 4.88e6  # SmolLM2-135M; its rank-16 all-linear LoRA adapter
+N_HEAD = 49152 * 576  # SmolLM2's output head (tied to the embeddings, counted once in N_PARAMS)
 
 VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
             "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights"}
@@ -74,7 +81,8 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
     print(json.dumps({"peer": f"tunelab {method} {VARIANTS[variant]}", "tokens": tokens, "seconds": seconds,
                                      "tokens_per_s": tokens / seconds, "first_loss": m[0]["loss"],
                                      "last_loss": m[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
-                                     "mean_seq": tokens / (8 * len(timed))}))
+                                     "mean_seq": tokens / (8 * len(timed)),
+                                     "head_fraction": sum(r["target_tokens"] for r in timed) / tokens}))
 
 
 def bench_inputs(shared: Path) -> tuple[Path, Path]:
@@ -146,13 +154,15 @@ def main() -> None:
             print(f"{r['peer']:48} failed: {r['error'][:80]}")
             continue
         seq = r.get("mean_seq", 200)
-        fpt = flops_per_token(a.method, N_PARAMS, N_LORA, conf.num_hidden_layers, conf.hidden_size, seq / 2)
+        fpt = flops_per_token(a.method, N_PARAMS, N_LORA, N_HEAD, conf.num_hidden_layers, conf.hidden_size, seq,
+                              r.get("head_fraction", 1.0))
         mfu = r["tokens_per_s"] * fpt / (peak * 1e9)
         ratio = "" if r["peer"].startswith("tunelab") or not ours else f"{ours / r['tokens_per_s']:.2f}x"
         print(f"{r['peer']:48} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f} "
               f"{r['first_loss']:8.3f} -> {r['last_loss']:6.3f} {mfu:6.1%} {ratio:>11}")
     print("\nThe peers train on every token (prompt included); tunelab by default on answer tokens only, so\n"
-          "compare losses with the 'loss on every token' row. MFU counts 4N+6N_lora FLOPs/token for LoRA, 6N for full.")
+          "compare losses with the 'loss on every token' row. MFU counts 4N+6N_lora FLOPs/token for LoRA, 6N for full,\n"
+          "the head's share only where it runs (tunelab: answer tokens), and causal attention.")
     print_targets(results)
 
 
