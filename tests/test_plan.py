@@ -187,15 +187,42 @@ def test_verdicts_and_the_cheapest_change():
 
 def test_time_estimate_counts_6n_for_full_and_4n_for_lora(tmp_path, monkeypatch):
     arch = from_table("7b")
-    n = arch.linear_params + arch.vocab_size * arch.hidden_size
-    short = dict(max_seq_len=16, answer_fraction=0.0)
+    head = arch.vocab_size * arch.hidden_size
+    n = arch.linear_params + head
+    short = dict(max_seq_len=16)
     assert flops_per_token(arch, Setup(method="full", **short)) == pytest.approx(6 * n, rel=0.01)
     assert flops_per_token(arch, Setup(method="lora", lora_rank=1, **short)) == pytest.approx(4 * n, rel=0.01)
+    # the head runs on answer tokens only: a quarter of answers leaves out 3/4 of its forward and backward
+    quarter = flops_per_token(arch, Setup(method="full", answer_fraction=0.25, **short))
+    assert flops_per_token(arch, Setup(method="full", **short)) - quarter == pytest.approx(6 * 0.75 * head, rel=1e-6)
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     rates = machine_rates(seconds=0.05)
     assert rates["bf16"] > 0 and rates["fp32"] > 0
     assert machine_rates(seconds=0.05) == rates  # cached
     assert (tmp_path / "matmul_rate.json").is_file()
+
+
+def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, monkeypatch):
+    """auto compiles runs of AUTO_COMPILE_TOKENS or more (a compiled step reaches a larger share of the
+    peak), never a quantized base; the report says which it assumed."""
+    from tunelab.planning.timing import EFFICIENCY
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    monkeypatch.setattr("tunelab.planning.machine_rates", lambda: {"bf16": 1.0, "fp32": 0.2, "device": "cpu",
+                                                                   "name": "test cpu", "measured": "now"})
+    base = {"model": {"ref": "7b"}, "data": {"train": "x.jsonl", "max_seq_len": 512},
+            "train": {"micro_batch_size": 8}}
+
+    def plan(steps, method="lora", **train):
+        return tunelab.plan({**base, "method": method, "train": {**base["train"], **train}}, steps=steps, devices=[])
+
+    short, long = plan(2), plan(1000)  # 8 x 512 tokens a step: 8k against 4M tokens
+    assert (short.compiled, long.compiled) == (False, True)
+    assert long.here.timing.tokens_per_s / short.here.timing.tokens_per_s == pytest.approx(
+        EFFICIENCY["cpu_compiled"] / EFFICIENCY["cpu"])
+    assert "uncompiled" in str(short) and "reach compiled" in str(long)
+    assert not plan(1000, compile=False).compiled and plan(2, compile=True).compiled
+    assert not plan(1000, method="qlora").compiled
 
 
 # --- the CLI and `tunelab train` ---------------------------------------------------------------

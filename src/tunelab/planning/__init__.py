@@ -42,6 +42,7 @@ class PlanResult:
     breakdown: Breakdown                      # for the first device (this machine unless `device` is given)
     verdicts: list[Verdict]
     steps: int | None = None
+    compiled: bool = False                    # whether the run's blocks will be torch.compile'd (its time)
 
     @property
     def peak_bytes(self) -> float:
@@ -62,7 +63,7 @@ class PlanResult:
     def to_dict(self) -> dict:
         b = self.breakdown
         return {"model": self.arch.name, "source": self.arch.source, "params": self.arch.n_params,
-                "trainable_params": b.trainable_params, "setup": vars(self.setup),
+                "trainable_params": b.trainable_params, "setup": vars(self.setup), "compiled": self.compiled,
                 "peak_gb": round(b.peak / 1e9, 3), "terms_gb": {k: round(v / 1e9, 3) for k, v in b.terms.items()},
                 "devices": [{"device": v.device.name, "dtype": v.dtype, "peak_gb": round(v.peak_bytes / 1e9, 2),
                              "usable_gb": v.device.usable_gb, "status": v.status, "advice": v.advice,
@@ -122,10 +123,23 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     rates = machine_rates() if timing else None
     first = [this_machine(rates)] if device in (None, "here") else [get_device(device)]
     others = [get_device(d) for d in (devices if devices is not None else list(DEVICES))]
-    verdicts = [judge(arch, s, d, wanted_dtype, steps if timing else None, timing, compiled=bool(cfg.train.compile))
+    compiled = timing and _compiled(cfg, s, steps)
+    verdicts = [judge(arch, s, d, wanted_dtype, steps if timing else None, timing, compiled=compiled)
                 for d in first + [d for d in others if d.name != first[0].name]]
     b = breakdown(arch, replace(s, compute_dtype=verdicts[0].dtype), verdicts[0].device.kind)
-    return PlanResult(arch, s, b, verdicts, steps)
+    return PlanResult(arch, s, b, verdicts, steps, compiled)
+
+
+def _compiled(cfg, s: Setup, steps: int | None) -> bool:
+    """train.compile as the training loop resolves it; for auto, the loop counts the data's real
+    tokens, the plan its worst case (steps x micro batches of max_seq_len tokens)."""
+    if cfg.train.compile is not None:
+        return bool(cfg.train.compile)
+    from tunelab.training.loop import AUTO_COMPILE_TOKENS
+
+    tokens = (steps or 0) * s.tokens * s.grad_accum_steps
+    quantized_base = cfg.model.quantization is not None or s.method == "qlora"  # the loop leaves those eager
+    return tokens >= AUTO_COMPILE_TOKENS and not quantized_base
 
 
 def judge(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", steps: int | None = None,

@@ -54,7 +54,9 @@ def format_plan(r) -> str:
         lines.append(f"\n  time: {t.flops_per_token / 1e9:.2f} GFLOP per token; {here.device.name}: {t.tokens_per_s:.3g} "
                      f"tokens/s at {t.rate_tflops:.2f} TFLOP/s peak ({t.rate_source}"
                      + ("; cached in ~/.cache/tunelab/matmul_rate.json, delete it to measure again" if t.rate_source == "measured" else "")
-                     + ") x the efficiency this loop reaches" + ("" if r.steps else "; give steps (train.max_steps) for a total"))
+                     + f") x {t.efficiency:.0%}, the share of it this loop's steps reach "
+                     + ("compiled" if r.compiled else "uncompiled")
+                     + ("" if r.steps else "; give steps (train.max_steps) for a total"))
     verdict = {"fits": "fits", "tight": "fits, but with little room (under 10% free)",
                "does not fit": "does NOT fit"}[here.status]
     lines.append(f"\nverdict: {verdict} on {here.device.name} ({here.peak_bytes / 1e9:.1f} of "

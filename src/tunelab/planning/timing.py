@@ -16,18 +16,23 @@ from pathlib import Path
 from tunelab.planning.arch import Arch
 from tunelab.planning.memory import Setup
 
-# Model FLOPs per second / bf16 matmul peak, measured with this loop on this CPU (MFU in
-# bench/RESULTS.md: LoRA 11% eager, 16% compiled; full ~10% eager) and a usual figure on GPUs.
-EFFICIENCY = {"cpu": 0.11, "cpu_compiled": 0.16, "gpu": 0.35}
+# Model FLOPs per second / bf16 matmul peak, measured with this loop on this CPU and a usual figure
+# on GPUs. bench/train_speed.py on SmolLM2-135M (bench/RESULTS.md, "tunelab plan's time"): compiled
+# LoRA and full fine-tuning 25-31% depending on the machine's day, uncompiled 16-20%. Larger models
+# reach more (larger matmuls), so the plan's time errs long, as does its worst case of full rows.
+EFFICIENCY = {"cpu": 0.17, "cpu_compiled": 0.28, "gpu": 0.35}
 QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forward and backward
 
 
 def flops_per_token(arch: Arch, s: Setup) -> float:
     """Training FLOPs per token. Full: 6N (forward 2N, backward 4N); a frozen base needs no weight
     gradients, so LoRA/QLoRA: 4N + 6 per adapter parameter; gradient checkpointing adds one more
-    forward (2N). Causal attention adds 6 x layers x q_dim x seq (scores and values, forward and
-    backward, half the pairs for the mask). The chunked loss recomputes the head once (2 V h)."""
-    n = arch.linear_params + arch.vocab_size * arch.hidden_size  # matmul parameters (head included)
+    forward (2N). The output head's share of N runs on answer tokens only (the loss never applies it
+    to the prompt's). Causal attention adds 6 x layers x q_dim x seq (scores and values, forward and
+    backward, half the pairs for the mask). The loss makes the head's gradients in its forward, so
+    nothing is recomputed."""
+    head = arch.vocab_size * arch.hidden_size
+    n = arch.linear_params + head * s.answer_fraction  # matmul parameters, the head where it runs
     if s.method == "full":
         base = 6.0 * n
     else:
@@ -35,8 +40,7 @@ def flops_per_token(arch: Arch, s: Setup) -> float:
     if s.gradient_checkpointing:
         base += 2.0 * n
     attention = 6.0 * arch.num_layers * arch.q_dim * s.max_seq_len
-    head_recompute = 2.0 * arch.vocab_size * arch.hidden_size * s.answer_fraction
-    return base + attention + head_recompute
+    return base + attention
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Timing:
     total_s: float | None
     rate_tflops: float
     rate_source: str
+    efficiency: float  # the share of the peak the step reaches (model FLOPs / peak)
 
 
 def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | None,
@@ -59,7 +64,7 @@ def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | N
     tps = rate / fpt
     step_tokens = s.tokens * s.grad_accum_steps
     step_s = step_tokens / tps
-    return Timing(fpt, tps, step_s, step_s * steps if steps else None, peak_tflops, rate_source)
+    return Timing(fpt, tps, step_s, step_s * steps if steps else None, peak_tflops, rate_source, eff)
 
 
 def calibration_path() -> Path:
