@@ -282,10 +282,12 @@ def test_task_through_evaluate_scores_every_item(tiny_model_dir, tmp_path):
     assert (tmp_path / "arc" / "metrics.json").exists()
 
 
-def test_generation_eval_during_training(tiny_config, sentiment_file):
+@pytest.mark.parametrize("compile", [False, True])
+def test_generation_eval_during_training(tiny_config, sentiment_file, compile):
     from tunelab import train
     from tunelab.runs import read_metrics
 
+    tiny_config["train"]["compile"] = compile  # compiled: the answers come from the blocks run eagerly
     tiny_config["eval"] = {"data": str(sentiment_file), "every_n_steps": 2, "limit": 3, "max_new_tokens": 4,
                            "labels": ["positive", "negative"]}
     run = train(tiny_config, quiet=True).run_dir

@@ -155,6 +155,28 @@ def test_compiled_decoder_computes_rope_outside_its_graph(tiny_model_dir):
     assert torch.allclose(compiled[0], eager, atol=1e-5) and torch.allclose(compiled[1], eager[:, :4], atol=1e-5)
 
 
+def test_compile_blocks_builds_one_graph_for_all_layers(tiny_model_dir):
+    """Each decoder layer compiles on its own and all of them run one graph, so compile time does not
+    grow with depth (the whole decoder as one graph built every layer again); the logits stay eager's."""
+    import torch._dynamo
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.training.loop import compile_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert len(model.model.layers) > 1
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits
+        compile_blocks(model)
+        compiled = model(input_ids=ids, use_cache=False).logits  # training's forward: no KV cache
+    assert counters["stats"]["unique_graphs"] == 2  # the layers' graph and the final norm's
+    assert torch.allclose(compiled, eager, atol=1e-5)
+
+
 def test_unknown_export_format_names_the_known_ones(tiny_config):
     with pytest.raises(tunelab.TunelabError, match="unknown; use one of: merged, gguf, gguf-adapter, ollama"):
         tunelab.export("whatever", format="onnx")

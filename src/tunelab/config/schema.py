@@ -115,8 +115,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less memory, ~30% slower."""
     compile: bool | None = None
-    """torch.compile the transformer blocks: ~35% faster steps on this CPU after a one-time compile
-    (~75 s, ~25 s when cached). None (auto): on when the run trains at least 150k tokens."""
+    """torch.compile the transformer blocks, layer by layer: ~1.5x the tokens/s on this CPU after a
+    one-time compile (~40 s, ~9 s when cached). None (auto): on when the run trains at least 80k tokens."""
     threads: int | None = None
     """CPU threads for torch. None: the number of physical cores."""
     neftune_alpha: float | None = None
