@@ -18,7 +18,7 @@ Parts:
   softmax), the embedding, gradient clipping, Python.
 
 usage: python bench/step_profile.py [--method lora|full] [--variant compile|bf16-weights|eager|...]
-                                    [--steps 3] [--shared ../shared]
+                                    [--steps 3] [--shape 135m|360m|1.7b] [--shared ../shared]
 """
 
 import argparse
@@ -29,7 +29,7 @@ import torch
 
 from tunelab.data.encode import IGNORE
 
-from train_speed import LORA_RANK, N_HEAD, N_LORA, N_PARAMS, VARIANTS, bench_inputs, flops_per_token, tunelab_config
+from train_speed import LORA_RANK, SHAPES, VARIANTS, bench_inputs, flops_per_token, model_counts, tunelab_config
 
 HERE = Path(__file__).resolve().parent
 WAIT = 2  # training steps before the profiled ones: the first holds the compile, the second warms up
@@ -121,8 +121,9 @@ def main() -> None:
     p.add_argument("--variant", default="compile", choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
+    p.add_argument("--shape", default="135m", choices=list(SHAPES), help="SmolLM2's size (see train_speed.py)")
     a = p.parse_args()
-    model_dir, data = bench_inputs(Path(a.shared))
+    model_dir, data = bench_inputs(Path(a.shared), a.shape)
 
     from transformers import AutoConfig
 
@@ -135,7 +136,7 @@ def main() -> None:
     per_step = seconds / a.steps
     rows = [(name, s / a.steps, flops) for name, (s, flops) in parts.items()]
     rows.append(("everything else", per_step - sum(r[1] for r in rows), 0.0))
-    model_flops = tokens / a.steps * flops_per_token(a.method, N_PARAMS, N_LORA, N_HEAD, conf.num_hidden_layers,
+    model_flops = tokens / a.steps * flops_per_token(a.method, *model_counts(model_dir), conf.num_hidden_layers,
                                                      conf.hidden_size, tokens / a.steps / 8, answers / tokens)
     print(f"\ntunelab {a.method} {VARIANTS[a.variant]}: {per_step:.2f} s a step, {tokens / a.steps:.0f} tokens "
           f"a step ({tokens / seconds:.0f} tokens/s), MFU {model_flops / per_step / peak:.1%} "

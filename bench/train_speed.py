@@ -11,8 +11,12 @@ that its loss is the peers' quantity (every token, not only the answers); with -
 compiled with 8-bit AdamW (bitsandbytes) and compiled with bf16 weights (train.weight_dtype), the
 memory-saving options.
 Each runs in its own process (peak RSS is per process); the first step is not timed.
+--shape 360m / 1.7b runs the tunelab rows on SmolLM2's larger published shapes with random weights
+(written once to bench/.cache): how MFU grows with the model, where GEMMs outweigh the memory-bound
+work around them (their losses mean nothing).
 
-usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tunelab] [--shared ../shared]
+usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tunelab] [--shape 135m|360m|1.7b]
+                                   [--variant compile ...] [--shared ../shared]
 """
 
 import argparse
@@ -41,8 +45,28 @@ def flops_per_token(method: str, n_params: float, n_lora: float, n_head: float, 
 
 
 LORA_RANK = 16
-N_PARAMS, N_LORA = 134.5e6, 4.88e6  # SmolLM2-135M; its rank-16 all-linear LoRA adapter
-N_HEAD = 49152 * 576  # SmolLM2's output head (tied to the embeddings, counted once in N_PARAMS)
+# SmolLM2's published sizes. 135m is the real model; the larger two are its config with their
+# dimensions and random weights (no hub here), for speed only: their losses mean nothing.
+SHAPES = {"135m": {},
+          "360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                   "num_attention_heads": 15, "num_key_value_heads": 5},
+          "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                   "num_attention_heads": 32, "num_key_value_heads": 32}}
+
+
+def model_counts(model_dir: Path) -> tuple[float, float, float]:
+    """The model's parameters (a tied head counted once), its rank-LORA_RANK all-linear adapter's
+    parameters, and its output head's parameters; from the config alone (a model on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    head = model.get_output_embeddings()
+    n_lora = sum(LORA_RANK * (m.in_features + m.out_features) for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not head)
+    return sum(p.numel() for p in model.parameters()), n_lora, head.weight.numel()
 
 VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
             "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights"}
@@ -73,7 +97,9 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
     from tunelab.hardware import peak_rss_mb
     from tunelab.runs import read_metrics
 
-    result = tunelab.train(tunelab_config(model_dir, data, steps, method, variant), quiet=True)
+    # force: the memory check plans for 8 rows of max_seq_len tokens each; the alpaca rows are ~190,
+    # so the 1.7b shape fits in practice where the plan's worst case does not (peak RSS is measured)
+    result = tunelab.train(tunelab_config(model_dir, data, steps, method, variant), quiet=True, force=True)
     m = [r for r in read_metrics(result.run_dir) if "loss" in r]
     timed = m[1:]
     seconds = m[-1]["elapsed_s"] - m[0]["elapsed_s"]
@@ -85,18 +111,39 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
                                      "head_fraction": sum(r["target_tokens"] for r in timed) / tokens}))
 
 
-def bench_inputs(shared: Path) -> tuple[Path, Path]:
-    """The SmolLM2-135M folder and the alpaca demo as JSONL, made once in bench/.cache."""
+def bench_inputs(shared: Path, shape: str = "135m") -> tuple[Path, Path]:
+    """The SmolLM2 folder of `shape` (see SHAPES) and the alpaca demo as JSONL, made once in bench/.cache."""
     cache = HERE / ".cache"
     cache.mkdir(exist_ok=True)
     model_dir = cache / "smollm2-135m-hf"
     if not (model_dir / "config.json").exists():
         subprocess.run([sys.executable, str(shared / "bench/make_smollm2_hf.py"), str(model_dir)], check=True)
+    if shape != "135m":
+        model_dir = random_model(model_dir, cache / f"smollm2-{shape}-random", SHAPES[shape])
     data = cache / "alpaca_en_demo.jsonl"
     if not data.exists():
         rows = json.loads((shared / "data/instruction/llamafactory_alpaca_en_demo.json").read_text())
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return model_dir, data
+
+
+def random_model(source: Path, target: Path, dims: dict) -> Path:
+    """`source`'s config and tokenizer with `dims` changed and random bf16 weights, written once."""
+    if (target / "config.json").exists():
+        return target
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, **dims), dtype=torch.bfloat16)
+    partial = target.with_name(target.name + ".partial")  # a cut-off write never looks finished
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(source).save_pretrained(partial)
+    partial.rename(target)
+    return target
 
 
 def run(cmd: list[str], env=None) -> dict:
@@ -113,12 +160,16 @@ def main() -> None:
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--only", default=None, help="tunelab: skip the peers")
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
+    p.add_argument("--shape", default="135m", choices=list(SHAPES),
+                   help="SmolLM2's size; 360m and 1.7b have random weights (speed and memory only)")
+    p.add_argument("--variant", action="append", choices=list(VARIANTS),
+                   help="only these tunelab rows (repeatable; default: every row of --method)")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "DATA", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return tunelab_worker(*a.worker[:2], a.steps, a.method, a.worker[2])
 
-    model_dir, data = bench_inputs(Path(a.shared))
+    model_dir, data = bench_inputs(Path(a.shared), a.shape)
 
     import torch
 
@@ -126,7 +177,7 @@ def main() -> None:
 
     peak = matmul_peak_tflops(torch.bfloat16) * 1000  # GFLOP/s
     results = []
-    for variant in variants(a.method):  # compiled first: it is the headline figure
+    for variant in [v for v in variants(a.method) if not a.variant or v in a.variant]:  # compiled first: the headline
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
                             "--worker", str(model_dir), str(data), variant]))
         results[-1].setdefault("peer", f"tunelab {a.method} {VARIANTS[variant]}")
@@ -143,7 +194,9 @@ def main() -> None:
     from transformers import AutoConfig
 
     conf = AutoConfig.from_pretrained(model_dir)
-    print(f"\nbf16 matmul peak here: {peak:.0f} GFLOP/s (best n x n matmul, n 1024-3072); {a.steps} steps of 8 rows, first step untimed "
+    n_params, n_lora, n_head = model_counts(model_dir)
+    print(f"\nmodel: {model_dir.name}, {n_params / 1e6:.1f}M parameters")
+    print(f"bf16 matmul peak here: {peak:.0f} GFLOP/s (best n x n matmul, n 1024-3072); {a.steps} steps of 8 rows, first step untimed "
           "(it holds the one-time compile)\n")
     head = f"{'setup':48} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
     print(head)
@@ -154,7 +207,7 @@ def main() -> None:
             print(f"{r['peer']:48} failed: {r['error'][:80]}")
             continue
         seq = r.get("mean_seq", 200)
-        fpt = flops_per_token(a.method, N_PARAMS, N_LORA, N_HEAD, conf.num_hidden_layers, conf.hidden_size, seq,
+        fpt = flops_per_token(a.method, n_params, n_lora, n_head, conf.num_hidden_layers, conf.hidden_size, seq,
                               r.get("head_fraction", 1.0))
         mfu = r["tokens_per_s"] * fpt / (peak * 1e9)
         ratio = "" if r["peer"].startswith("tunelab") or not ours else f"{ours / r['tokens_per_s']:.2f}x"

@@ -202,10 +202,35 @@ def test_time_estimate_counts_6n_for_full_and_4n_for_lora(tmp_path, monkeypatch)
     assert (tmp_path / "matmul_rate.json").is_file()
 
 
+def test_cpu_share_of_the_peak_follows_the_model_width():
+    """Wider layers mean larger GEMMs against the same memory-bound work: the measured shares at
+    SmolLM2's widths, log-interpolated between them, held at the nearest measured one beyond; each
+    method has its own; the plan takes the run's."""
+    from tunelab.planning.arch import resolve_arch
+    from tunelab.planning.memory import Setup
+    from tunelab.planning.timing import CPU_EFFICIENCY, cpu_efficiency, estimate
+
+    for kind, table in CPU_EFFICIENCY.items():
+        for width, (eager, compiled) in table.items():
+            assert (cpu_efficiency(width, False, kind), cpu_efficiency(width, True, kind)) == (eager, compiled)
+    shares = [cpu_efficiency(w, True) for w in (256, 576, 700, 960, 1400, 2048, 8192)]
+    assert shares == sorted(shares) and len(set(shares)) == 5  # the two ends clamp
+    assert shares[0] == shares[1] and shares[-1] == shares[-2]
+    assert cpu_efficiency(700, True) < cpu_efficiency(960, True) - 0.01  # between, not snapped to one end
+    assert all(cpu_efficiency(w, False, k) < cpu_efficiency(w, True, k) for w in (576, 1000, 4096) for k in CPU_EFFICIENCY)
+
+    arch = resolve_arch("7b")
+    share = {name: estimate(arch, Setup(**setup), 1.0, "cpu", None, "test", compiled=True).efficiency
+             for name, setup in [("lora", {}), ("full", {"method": "full"}),
+                                 ("full_bf16", {"method": "full", "weight_dtype": "bf16"})]}
+    assert share == {k: cpu_efficiency(arch.hidden_size, True, k) for k in share}
+    assert len(set(share.values())) == 3
+
+
 def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, monkeypatch):
     """auto compiles runs of AUTO_COMPILE_TOKENS or more (a compiled step reaches a larger share of the
     peak), never a quantized base; the report says which it assumed."""
-    from tunelab.planning.timing import EFFICIENCY
+    from tunelab.planning.timing import cpu_efficiency
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     monkeypatch.setattr("tunelab.planning.machine_rates", lambda: {"bf16": 1.0, "fp32": 0.2, "device": "cpu",
@@ -219,7 +244,7 @@ def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, m
     short, long = plan(2), plan(1000)  # 8 x 512 tokens a step: 8k against 4M tokens
     assert (short.compiled, long.compiled) == (False, True)
     assert long.here.timing.tokens_per_s / short.here.timing.tokens_per_s == pytest.approx(
-        EFFICIENCY["cpu_compiled"] / EFFICIENCY["cpu"])
+        cpu_efficiency(4096, True) / cpu_efficiency(4096, False))
     assert "uncompiled" in str(short) and "reach compiled" in str(long)
     assert not plan(1000, compile=False).compiled and plan(2, compile=True).compiled
     assert not plan(1000, method="qlora").compiled

@@ -3,8 +3,8 @@
 This machine's rate is a quick matmul calibration (bf16 and fp32, ~1 s each), cached per CPU,
 torch version and thread count; named devices use datasheet dense tensor-core figures. A training
 step reaches only a share of the matmul peak (elementwise work, attention, small LoRA matmuls):
-EFFICIENCY holds the share measured on this loop here (bench/RESULTS.md, MFU) and a typical
-share on GPUs.
+CPU_EFFICIENCY holds the shares measured on this loop here by model width (bench/RESULTS.md, MFU),
+GPU_EFFICIENCY a typical share on GPUs.
 """
 
 import json
@@ -16,11 +16,19 @@ from pathlib import Path
 from tunelab.planning.arch import Arch
 from tunelab.planning.memory import Setup
 
-# Model FLOPs per second / bf16 matmul peak, measured with this loop on this CPU and a usual figure
-# on GPUs. bench/train_speed.py on SmolLM2-135M (bench/RESULTS.md, "tunelab plan's time"): compiled
-# LoRA and full fine-tuning 25-31% depending on the machine's day, uncompiled 16-20%. Larger models
-# reach more (larger matmuls), so the plan's time errs long, as does its worst case of full rows.
-EFFICIENCY = {"cpu": 0.17, "cpu_compiled": 0.28, "gpu": 0.35}
+# Model FLOPs per second / bf16 matmul peak that this loop reaches on this CPU, (uncompiled, compiled)
+# by the model's hidden size: bench/train_speed.py --shape 135m / 360m / 1.7b on 2026-12-05, against
+# the day's highest measured peak (bench/RESULTS.md, "MFU and the model's size"). LoRA's share grows
+# with the width (larger GEMMs against the same memory-bound work around them: norms, SiLU, the
+# adapters' products, the loss's softmax); full fine-tuning's with fp32 master weights does not (its
+# weight-gradient GEMMs run at about half the rate, its optimizer passes over fp32 weights; 1.7b does
+# not fit here). bf16 weights' uncompiled share was not measured: fp32's is taken, which errs long.
+# Between measured widths the share is interpolated on log(hidden); beyond them it stays at the
+# nearest one (so a 7B plan errs long too).
+CPU_EFFICIENCY = {"lora": {576: (0.16, 0.26), 960: (0.21, 0.28), 2048: (0.34, 0.43)},
+                  "full": {576: (0.15, 0.22), 960: (0.17, 0.21)},
+                  "full_bf16": {576: (0.15, 0.27), 960: (0.17, 0.28), 2048: (0.17, 0.33)}}
+GPU_EFFICIENCY = 0.35  # a usual figure for fine-tuning loops on tensor cores
 QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forward and backward
 
 
@@ -54,9 +62,27 @@ class Timing:
     efficiency: float  # the share of the peak the step reaches (model FLOPs / peak)
 
 
+def cpu_efficiency(hidden_size: int, compiled: bool, kind: str = "lora") -> float:
+    """The share of the matmul peak a training step reaches on a CPU; kind: lora, full or full_bf16
+    (see CPU_EFFICIENCY)."""
+    import math
+
+    table = CPU_EFFICIENCY[kind]
+    widths = sorted(table)
+    h = min(max(hidden_size, widths[0]), widths[-1])
+    upper = next(w for w in widths if w >= h)
+    lower = widths[max(widths.index(upper) - 1, 0)]
+    at = table[lower][compiled], table[upper][compiled]
+    if upper == lower:
+        return at[0]
+    t = math.log(h / lower) / math.log(upper / lower)
+    return at[0] + t * (at[1] - at[0])
+
+
 def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | None,
              rate_source: str, compiled: bool = False) -> Timing:
-    eff = EFFICIENCY["gpu"] if kind == "gpu" else EFFICIENCY["cpu_compiled" if compiled else "cpu"]
+    method = "full_bf16" if s.bf16_weights else "full" if s.method == "full" else "lora"
+    eff = GPU_EFFICIENCY if kind == "gpu" else cpu_efficiency(arch.hidden_size, compiled, method)
     rate = peak_tflops * 1e12 * eff
     if s.method == "qlora" and kind == "cpu":
         rate /= QLORA_CPU_SLOWDOWN
