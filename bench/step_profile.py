@@ -63,7 +63,8 @@ def profile_steps(model_dir: Path, data: Path, method: str, variant: str, steps:
     loop.token_loss_sum = marked_loss
     try:
         with prof:
-            tunelab.train(tunelab_config(str(model_dir), str(data), WAIT + steps + 1, method, variant), quiet=True)
+            tunelab.train(tunelab_config(str(model_dir), str(data), WAIT + steps + 1, method, variant), quiet=True,
+                          force=True)  # as train_speed.py: the plan assumes full-length rows
     finally:
         loop.token_loss_sum = real_loss
     timed = slice(WAIT, WAIT + steps)
