@@ -64,19 +64,14 @@ class Timing:
 
 def cpu_efficiency(hidden_size: int, compiled: bool, kind: str = "lora") -> float:
     """The share of the matmul peak a training step reaches on a CPU; kind: lora, full or full_bf16
-    (see CPU_EFFICIENCY)."""
+    (see CPU_EFFICIENCY). np.interp holds the end values beyond the measured widths."""
     import math
 
-    table = CPU_EFFICIENCY[kind]
-    widths = sorted(table)
-    h = min(max(hidden_size, widths[0]), widths[-1])
-    upper = next(w for w in widths if w >= h)
-    lower = widths[max(widths.index(upper) - 1, 0)]
-    at = table[lower][compiled], table[upper][compiled]
-    if upper == lower:
-        return at[0]
-    t = math.log(h / lower) / math.log(upper / lower)
-    return at[0] + t * (at[1] - at[0])
+    import numpy as np
+
+    widths = sorted(CPU_EFFICIENCY[kind])
+    shares = [CPU_EFFICIENCY[kind][w][compiled] for w in widths]
+    return float(np.interp(math.log(hidden_size), [math.log(w) for w in widths], shares))
 
 
 def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | None,
