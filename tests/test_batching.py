@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tunelab.data.batching import collate_packed, collate_padded, epoch_order
+from tunelab.data.batching import bucket_length, collate_packed, collate_padded, epoch_order
 from tunelab.data.encode import IGNORE, Encoded
 from tunelab.training.loss import token_loss_sum
 
@@ -21,6 +21,50 @@ def test_packed_layout():
     assert b["cu_seq_lens_q"].tolist() == [0, 5, 8, 12]
     # an example's first token never becomes a target of the previous example
     assert b["labels"][0, 5].item() == IGNORE and b["labels"][0, 8].item() == IGNORE
+
+
+def test_bucket_lengths_are_few_and_close():
+    assert [bucket_length(n) for n in (1, 31, 200, 201, 1024, 1025, 1500, 2048, 2049)] == \
+        [1, 31, 200, 208, 1024, 1088, 1536, 2048, 2176]
+    lengths = [bucket_length(n) for n in range(1, 5000)]
+    assert all(0 <= b - n <= n / 16 for n, b in zip(range(1, 5000), lengths))
+    assert len({b for b in lengths if 1024 <= b < 2048}) == 16  # 16 per doubling
+
+
+def _long_items():  # 20 + 10 + 3 = 33 tokens: a bucket of 34, one filler token
+    return [Encoded(list(range(5, 25)), [IGNORE] * 10 + list(range(15, 25)), "a"),
+            Encoded(list(range(30, 40)), [IGNORE] * 4 + list(range(34, 40)), "b"),
+            Encoded([41, 42, 43], [IGNORE, 42, 43], "c")]
+
+
+def test_bucketed_packing_adds_a_filler_example():
+    b = collate_packed(_long_items(), pad_id=2, bucket=True)
+    assert b["input_ids"].shape == (1, 34) and b["input_ids"][0, -1].item() == 2
+    assert b["cu_seq_lens_q"].tolist() == [0, 20, 30, 33, 34]  # the filler attends only to itself
+    assert b["position_ids"][0, -1].item() == 0 and b["labels"][0, -1].item() == IGNORE
+    assert collate_padded(_long_items(), pad_id=2, bucket=True)["input_ids"].shape == (3, 20)  # 20 is a bucket
+    assert collate_padded(_long_items()[:1] + [Encoded(list(range(33)), [IGNORE] * 33, "d")], pad_id=2,
+                          bucket=True)["attention_mask"].shape == (2, 34)
+
+
+def test_the_filler_changes_no_loss_or_gradient(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.training.attention import use_packed_attention
+
+    results = []
+    for bucket in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        use_packed_attention(model)
+        loss, n = token_loss_sum(model, collate_packed(_long_items(), pad_id=2, bucket=bucket))
+        loss.backward()
+        results.append((loss.detach(), n, model.model.layers[0].mlp.down_proj.weight.grad.clone(),
+                        model.model.embed_tokens.weight.grad.clone()))
+    (loss, n, g_down, g_embed), (loss_b, n_b, g_down_b, g_embed_b) = results
+    assert n == n_b == 18
+    assert torch.allclose(loss, loss_b, atol=1e-5)
+    assert torch.allclose(g_down, g_down_b, atol=1e-6) and torch.allclose(g_embed, g_embed_b, atol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "packed"])

@@ -37,6 +37,18 @@ def test_lora_run_writes_the_run_directory_contract(tiny_config):
     assert manifest["eval_seconds"] > 0
 
 
+def test_tokens_per_second_counts_the_examples_tokens_not_the_filler(tiny_config):
+    """One step over all 12 examples: the step's tokens are the data's, though the packed row is
+    longer (bucketed)."""
+    cfg = {**tiny_config, "data": {**tiny_config["data"], "val_fraction": 0},
+           "train": {**tiny_config["train"], "max_steps": 1, "micro_batch_size": 12, "grad_accum_steps": 1}}
+    run = tunelab.train(cfg, quiet=True).run_dir
+    report = json.loads((run / "data_report.json").read_text())
+    step = [r for r in read_metrics(run) if "loss" in r][0]
+    assert step["tokens"] == report["train"]["tokens"]
+    assert step["target_tokens"] == report["train"]["target_tokens"]
+
+
 def test_training_lowers_the_loss(tiny_config):
     cfg = {**tiny_config, "train": {**tiny_config["train"], "max_steps": 12}, "data": {**tiny_config["data"], "val_fraction": 0}}
     result = tunelab.train(cfg, quiet=True)

@@ -2,7 +2,13 @@
 
 Packed (default): the examples of a micro batch are concatenated into one row with position ids
 restarting at 0 for each example. transformers turns those position ids into a block-diagonal
-causal mask, so attention never crosses examples, and no compute is spent on padding.
+causal mask, so attention never crosses examples, and almost no compute is spent on padding.
+
+Training rounds a batch's length up to one of 16 lengths per doubling (`bucket_length`): on a CPU,
+oneDNN builds its matmul kernels for each new row count (2-35 ms each, ~25 a step), and a packed
+batch's token count is new almost every step. With few lengths the kernels are reused after the
+first steps, for at most 1/16 more tokens (~3% on average; bench/RESULTS.md, "Batch lengths in
+buckets").
 """
 
 import random
@@ -30,7 +36,16 @@ def epoch_order(lengths: list[int], micro_batch_size: int, seed: int, epoch: int
     return [idx[i:i + micro_batch_size] for i in range(0, len(idx), micro_batch_size)]
 
 
-def collate_packed(items: list[Encoded]) -> dict[str, torch.Tensor]:
+def bucket_length(n: int) -> int:
+    """`n` rounded up to a multiple of 2^(bits of n - 5): 16 lengths per doubling (1024, 1088, ...,
+    1984, 2048, 2176, ...), never more than n/16 added; n <= 31 stays as it is."""
+    step = 1 << max(n.bit_length() - 5, 0)
+    return -(-n // step) * step
+
+
+def collate_packed(items: list[Encoded], pad_id: int = 0, bucket: bool = False) -> dict[str, torch.Tensor]:
+    """One row of the examples end to end; with `bucket`, a filler example of `pad_id` tokens (no
+    targets, attending only to itself) makes the row's length a `bucket_length`."""
     ids, labels, pos = [], [], []
     for e in items:
         ids += e.input_ids
@@ -40,13 +55,20 @@ def collate_packed(items: list[Encoded]) -> dict[str, torch.Tensor]:
     bounds = [0]
     for e in items:
         bounds.append(bounds[-1] + len(e.input_ids))
+    filler = bucket_length(len(ids)) - len(ids) if bucket else 0
+    if filler:
+        ids += [pad_id] * filler
+        labels += [IGNORE] * filler
+        pos += range(filler)
+        bounds.append(len(ids))
     # cu_seq_lens_q: where each example starts and ends, for packed (varlen) attention
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([pos]), "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32)}
 
 
-def collate_padded(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_padded(items: list[Encoded], pad_id: int, bucket: bool = False) -> dict[str, torch.Tensor]:
     width = max(len(e.input_ids) for e in items)
+    width = bucket_length(width) if bucket else width
     ids = torch.full((len(items), width), pad_id)
     labels = torch.full((len(items), width), IGNORE)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -58,8 +80,8 @@ def collate_padded(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate(items: list[Encoded], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
-    return collate_packed(items) if packing else collate_padded(items, pad_id)
+def collate(items: list[Encoded], packing: bool, pad_id: int, bucket: bool = False) -> dict[str, torch.Tensor]:
+    return collate_packed(items, pad_id, bucket) if packing else collate_padded(items, pad_id, bucket)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
