@@ -48,8 +48,9 @@ def test_merged_logits_equal_adapter_logits(tuned_run, tmp_path):
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     with torch.no_grad():
         a, b = adapter_model(input_ids=ids).logits, merged(input_ids=ids).logits
-    # fp32 rounding of W + BA over 30 layers: max |diff| seen 1.2e-4 on logits of ~30
-    torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+    # fp32 rounding of W + BA over 30 layers: max |diff| seen 1.2e-4 and 2.5e-4 (two trainings) on
+    # logits of ~30, i.e. ~1e-5 of them; a wrongly merged layer moves them by far more
+    torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-5)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
