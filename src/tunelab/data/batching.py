@@ -80,8 +80,9 @@ def collate_padded(items: list[Encoded], pad_id: int, bucket: bool = False) -> d
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate(items: list[Encoded], packing: bool, pad_id: int, bucket: bool = False) -> dict[str, torch.Tensor]:
-    return collate_packed(items, pad_id, bucket) if packing else collate_padded(items, pad_id, bucket)
+def collate(items: list[Encoded], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    """A training or validation micro batch, its length in buckets."""
+    return collate_packed(items, pad_id, bucket=True) if packing else collate_padded(items, pad_id, bucket=True)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -235,8 +235,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 n_targets = int(_sum_over_processes(accelerator, local_targets))
                 step_loss, step_tokens = 0.0, 0
                 for k, (_, _, items) in enumerate(mine):
-                    batch = {key: v.to(accelerator.device)
-                             for key, v in collate(items, cfg.train.packing, pad_id, bucket=True).items()}
+                    batch = {key: v.to(accelerator.device) for key, v in collate(items, cfg.train.packing, pad_id).items()}
                     last = k == len(mine) - 1
                     with (nullcontext() if last else accelerator.no_sync(model)):
                         with autocast:
@@ -245,7 +244,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                         accelerator.backward(loss_sum * (world * distributed.loss_scale(accelerator))
                                              / max(n_targets, 1))
                     step_loss += loss_sum.item()
-                    step_tokens += sum(len(e.input_ids) for e in items)
+                    step_tokens += sum(len(e.input_ids) for e in items)  # not the bucket's filler
                 if cfg.train.max_grad_norm <= 0:
                     grad_norm = None
                 elif bf16_weights:  # AdamWBf16 scales the gradients inside its update
@@ -380,7 +379,7 @@ def validation_loss(model, items, micro_batch_size: int, packing: bool, pad_id: 
     total, count = 0.0, 0
     chunks = [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
     for chunk in chunks[rank::world]:
-        batch = {k: v.to(dev) for k, v in collate(chunk, packing, pad_id, bucket=True).items()}
+        batch = {k: v.to(dev) for k, v in collate(chunk, packing, pad_id).items()}
         with autocast:
             s, n = token_loss_sum(model, batch)
         total, count = total + s.item(), count + n
