@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.hardware import cpu_flags
 from tunelab.training import attention, kernels
 
 # lengths around the 64-token tiles (1, 63, 64, 65, 130), head sizes a tile does not divide
@@ -38,7 +37,7 @@ def test_fused_attention_matches_float64(dtype, lengths, heads, kv_heads, head_d
     rounding; bf16 within bf16 rounding (< 1e-2) and of the per-example PyTorch path it replaces
     (at most 3x its error: each rounds at different points). Inputs strided as transformers passes
     them ([1, T, H, D] transposed)."""
-    if kernels.missing_prerequisite() or (dtype == torch.bfloat16 and "amx_bf16" not in cpu_flags()):
+    if kernels.missing_prerequisite() or (dtype == torch.bfloat16 and not kernels.bf16_tile_products()):
         pytest.skip("tunelab's C++ attention kernels cannot be built or used here")
     fused = kernels.attention_kernels(dtype, head_dim)
     assert fused is not None, "the kernels did not build: the message above says why"

@@ -3,7 +3,7 @@
 torch.utils.cpp_extension compiles them with the C++ compiler that torch.compile already needs on a
 CPU, against the installed torch, into ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), once per
 machine and source version (~15 s). Where they cannot be built or used (no compiler, a CPU without
-AVX2, bf16 without AMX, TUNELAB_CPU_KERNELS=0), `attention_kernels` says why once and
+AVX2, bf16 without AMX or AVX512-BF16, TUNELAB_CPU_KERNELS=0), `attention_kernels` says why once and
 attention.py keeps its pure-PyTorch path: the kernels change speed, never what a run can do.
 """
 
@@ -33,12 +33,19 @@ def attention_kernels(dtype: torch.dtype, head_dim: int):
     for `dtype` on this machine, or None (the reason said once)."""
     if dtype == torch.bfloat16 and head_dim % 16:
         return None  # AMX tiles take 16-column blocks
-    if dtype == torch.bfloat16 and "amx_bf16" not in cpu_flags():
-        _say_once("tunelab's fused attention kernels need AMX for bf16; using the PyTorch path")
+    if dtype == torch.bfloat16 and not bf16_tile_products():
+        _say_once("tunelab's fused attention kernels need AMX or AVX512-BF16 for bf16; using the PyTorch path")
         return None
     if dtype not in (torch.bfloat16, torch.float32) or not _load():
         return None
     return torch.ops.tunelab_kernels
+
+
+def bf16_tile_products() -> bool:
+    """Whether this CPU multiplies bf16 tiles in hardware: AMX (oneDNN's brgemm), or AVX512-BF16's
+    pair dot products (the kernels' own micro-kernel, for AMD Zen 4/5 and CPUs without AMX)."""
+    flags = cpu_flags()
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def missing_prerequisite() -> "str | None":

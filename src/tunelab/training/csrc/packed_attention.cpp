@@ -22,6 +22,8 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -38,20 +40,94 @@ constexpr int64_t B = 64;  // tile edge: query rows and keys per tile (64 measur
 template <typename T>
 constexpr bool is_bf16 = std::is_same_v<T, at::BFloat16>;
 
-// B operands of the tile products, from row-major [K, N]: bf16 goes to oneDNN's VNNI layout for AMX,
-// in blocks of at most 64 columns (its packed leading dimension is 16, 32, 48 or 64); fp32 stays.
+// B operands of the tile products, from row-major [K, N], in blocks of at most 64 columns. bf16 goes
+// to the VNNI layout [K / 2, n, 2] (pairs of rows interleaved, the pair a dot-product instruction
+// takes): oneDNN packs it for AMX, pack_pairs where there is no AMX; fp32 stays as it is.
 constexpr int64_t NB = 64;
+
+// Whether bf16 tile products run on AMX (oneDNN's brgemm) or on AVX512-BF16 (dpbf16_mm below).
+// Python asks for the kernels in bf16 only where one of the two is there (kernels.py).
+inline bool bf16_on_amx() {
+  static const bool amx = cpublas::could_pack(at::kBFloat16);
+  return amx;
+}
+
+inline void pack_pairs(int64_t K, int64_t n, int64_t ld_in, const at::BFloat16* in, at::BFloat16* out) {
+  for (int64_t k = 0; k < K; k += 2)
+    for (int64_t j = 0; j < n; j++) {
+      out[k * n + 2 * j] = in[k * ld_in + j];
+      out[k * n + 2 * j + 1] = k + 1 < K ? in[(k + 1) * ld_in + j] : at::BFloat16(0.f);
+    }
+}
 
 template <typename T>
 void pack_b(int64_t K, int64_t N, int64_t ld_in, const T* in, T* out) {
   for (int64_t c = 0; c < N; c += NB) {
     const int64_t n = std::min(NB, N - c);
     if constexpr (is_bf16<T>) {
-      cpublas::pack(K, n, ld_in, n, at::kBFloat16, at::kBFloat16, in + c, out + K * c);
+      if (bf16_on_amx())
+        cpublas::pack(K, n, ld_in, n, at::kBFloat16, at::kBFloat16, in + c, out + K * c);
+      else
+        pack_pairs(K, n, ld_in, in + c, out + K * c);
     } else {
       for (int64_t r = 0; r < K; r++) std::memcpy(out + K * c + r * n, in + c + r * ld_in, n * sizeof(T));
     }
   }
+}
+
+// C[M, 16 NV] (+)= A[M, K] B[K, 16 NV] with B as pack_pairs left it (K even), for CPUs with
+// AVX512-BF16 and no AMX (AMD Zen 4 and 5, Intel Cooper Lake): each instruction multiplies a pair
+// of A's values, broadcast, with 16 column pairs of B and adds both products to 16 fp32 sums.
+// Rows go RM at a time so that RM x NV sums stay in registers while B streams from L1.
+#if defined(CPU_CAPABILITY_AVX512)
+template <int NV, int RM>
+__attribute__((target("avx512f,avx512bf16"))) inline void dpbf16_rows(int64_t K, const at::BFloat16* A,
+                                                                      int64_t lda, const at::BFloat16* Bp,
+                                                                      bool add, float* C, int64_t ldc) {
+  __m512 acc[RM][NV];
+  for (int r = 0; r < RM; r++)
+    for (int v = 0; v < NV; v++) acc[r][v] = add ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; v++)
+      b[v] = (__m512bh)_mm512_loadu_si512(Bp + k * 16 * NV + 32 * v);
+    for (int r = 0; r < RM; r++) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + k, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < RM; r++)
+    for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int NV>
+void dpbf16_mm(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* Bp, bool add,
+               float* C, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) dpbf16_rows<NV, 4>(K, A + r * lda, lda, Bp, add, C + r * ldc, ldc);
+  for (; r < M; r++) dpbf16_rows<NV, 1>(K, A + r * lda, lda, Bp, add, C + r * ldc, ldc);
+}
+#endif
+
+// C[M, n] (+)= A[M, K] B[K, n] for one packed block of n <= 64 columns.
+template <typename T>
+void block_mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, const T* Bp, int64_t ldc, bool add,
+              float* C) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (is_bf16<T>) {
+    if (!bf16_on_amx()) {
+      switch (n / 16) {  // bf16 blocks are 16, 32, 48 or 64 columns (head_dim % 16 == 0)
+        case 1: return dpbf16_mm<1>(M, K, A, lda, Bp, add, C, ldc);
+        case 2: return dpbf16_mm<2>(M, K, A, lda, Bp, add, C, ldc);
+        case 3: return dpbf16_mm<3>(M, K, A, lda, Bp, add, C, ldc);
+        default: return dpbf16_mm<4>(M, K, A, lda, Bp, add, C, ldc);
+      }
+    }
+  }
+#endif
+  cpublas::brgemm(M, n, K, lda, n, ldc, add, A, Bp, C, is_bf16<T>);
 }
 
 // C[M, N] = A[M, K] B[K, N] (+ C if add); A row-major, B as pack_b left it.
@@ -59,7 +135,7 @@ template <typename T>
 void tile_mm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp, bool add, float* C) {
   for (int64_t c = 0; c < N; c += NB) {
     const int64_t n = std::min(NB, N - c);
-    cpublas::brgemm(M, n, K, lda, n, N, add, A, Bp + K * c, C + c, is_bf16<T>);
+    block_mm(M, n, K, A, lda, Bp + K * c, N, add, C + c);
   }
 }
 
@@ -156,7 +232,9 @@ void for_each_item(const std::vector<int64_t>& cuts, int64_t kv_heads, int64_t D
     w.reserve(longest_padded, D);
     for (int64_t worker = begin; worker < end; worker++)
       for (int64_t i; (i = next.fetch_add(1)) < n_items;) item(items[i].first, items[i].second, w);
-    if constexpr (is_bf16<T>) cpublas::brgemm_release(true);
+    if constexpr (is_bf16<T>) {
+      if (bf16_on_amx()) cpublas::brgemm_release(true);
+    }
   });
 }
 
