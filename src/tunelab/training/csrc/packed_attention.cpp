@@ -7,8 +7,10 @@
 // causal score matrix the way flash attention does, with the scores, probabilities and their
 // gradients living only in per-thread tile buffers. The tile products are oneDNN brgemm
 // micro-kernels, which PyTorch exports as at::native::cpublas::brgemm: AMX for bf16 (B operands
-// packed to VNNI), AVX for fp32. Every tile has the same shape, so the micro-kernels are generated
-// once, not once per length. bench/attention_backward.py times it against both PyTorch paths.
+// packed to VNNI), AVX for fp32; on CPUs with AVX512-BF16 and no AMX (AMD Zen 4/5) bf16 tiles go
+// to our own dpbf16_mm, as oneDNN's brgemm there falls back to a slow generic GEMM. Every tile has
+// the same shape, so the micro-kernels are generated once, not once per length.
+// bench/attention_backward.py times it against both PyTorch paths.
 //
 // Math (one query head h on its K/V head, 1/sqrt(d) folded into `scale`):
 //   forward:  P = softmax(scale * Q K^T)  (causal)   O = P V   lse = log-sum-exp of the scaled scores
