@@ -175,7 +175,9 @@ def test_chunked_loss_equals_full_logits_loss(tiny_model_dir, monkeypatch, compi
     direct.backward()
     assert n == 6
     assert torch.allclose(chunked, direct, atol=1e-4)
-    assert torch.allclose(g_chunked, model.model.embed_tokens.weight.grad, atol=1e-6)
+    # fp32 rounding only: gradients up to ~3.4 differ by <= 1.3e-5 on AMD Zen 4 (its GEMMs sum in
+    # another order than AMX machines', 1e-6 there); a lost or doubled chunk would move them by ~0.1
+    assert torch.allclose(g_chunked, model.model.embed_tokens.weight.grad, atol=5e-5)
     with torch.no_grad():  # the validation loss's path: no gradients made
         assert torch.allclose(loss_mod.token_loss_sum(model, batch, compiled)[0], direct, atol=1e-4)
     assert not hasattr(model.lm_head, "__dict__") or "forward" not in model.lm_head.__dict__  # head restored
