@@ -14,7 +14,7 @@ import tunelab
 from tunelab.errors import ConfigError, ModelError, RunError
 from tunelab.planning import Setup, advise, judge
 from tunelab.planning.arch import from_table, read_config_json, resolve_arch
-from tunelab.planning.devices import Device, get_device
+from tunelab.planning.devices import Device, get_device, this_machine
 from tunelab.planning.memory import activation_bytes_per_token_layer, breakdown, weight_bytes
 from tunelab.planning.timing import flops_per_token, machine_rates
 
@@ -205,26 +205,52 @@ def test_time_estimate_counts_6n_for_full_and_4n_for_lora(tmp_path, monkeypatch)
 def test_cpu_share_of_the_peak_follows_the_model_width():
     """Wider layers mean larger GEMMs against the same memory-bound work: the measured shares at
     SmolLM2's widths, log-interpolated between them, held at the nearest measured one beyond; each
-    method has its own; the plan takes the run's."""
+    method and each bf16 matmul unit has its own; the plan takes the run's."""
     from tunelab.planning.arch import resolve_arch
     from tunelab.planning.memory import Setup
     from tunelab.planning.timing import CPU_EFFICIENCY, cpu_efficiency, estimate
 
-    for kind, table in CPU_EFFICIENCY.items():
-        for width, (eager, compiled) in table.items():
-            assert (cpu_efficiency(width, False, kind), cpu_efficiency(width, True, kind)) == (eager, compiled)
-    shares = [cpu_efficiency(w, True) for w in (256, 576, 700, 960, 1400, 2048, 8192)]
-    assert shares == sorted(shares) and len(set(shares)) == 5  # the two ends clamp
-    assert shares[0] == shares[1] and shares[-1] == shares[-2]
-    assert cpu_efficiency(700, True) < cpu_efficiency(960, True) - 0.01  # between, not snapped to one end
-    assert all(cpu_efficiency(w, False, k) < cpu_efficiency(w, True, k) for w in (576, 1000, 4096) for k in CPU_EFFICIENCY)
+    for unit, kinds in CPU_EFFICIENCY.items():
+        for kind, table in kinds.items():
+            for width, (eager, compiled) in table.items():
+                assert (cpu_efficiency(width, False, kind, unit), cpu_efficiency(width, True, kind, unit)) == (eager, compiled)
+    # with AMX compiling always pays; on AVX512-BF16 a 1.7B-wide LoRA step measured no faster compiled
+    assert all(cpu_efficiency(w, False, k, "amx") < cpu_efficiency(w, True, k, "amx")
+               for w in (576, 1000, 4096) for k in CPU_EFFICIENCY["amx"])
+    for unit in CPU_EFFICIENCY:
+        shares = [cpu_efficiency(w, True, "lora", unit) for w in (256, 576, 700, 960, 1400, 2048, 8192)]
+        assert shares == sorted(shares) and len(set(shares)) == 5  # the two ends clamp
+        assert shares[0] == shares[1] and shares[-1] == shares[-2]
+    assert cpu_efficiency(700, True, "lora", "amx") < cpu_efficiency(960, True, "lora", "amx") - 0.01  # not snapped
 
     arch = resolve_arch("7b")
-    share = {name: estimate(arch, Setup(**setup), 1.0, "cpu", None, "test", compiled=True).efficiency
-             for name, setup in [("lora", {}), ("full", {"method": "full"}),
-                                 ("full_bf16", {"method": "full", "weight_dtype": "bf16"})]}
-    assert share == {k: cpu_efficiency(arch.hidden_size, True, k) for k in share}
-    assert len(set(share.values())) == 3
+    for unit in CPU_EFFICIENCY:
+        share = {name: estimate(arch, Setup(**setup), 1.0, "cpu", None, "test", compiled=True, cpu_unit=unit).efficiency
+                 for name, setup in [("lora", {}), ("full", {"method": "full"}),
+                                     ("full_bf16", {"method": "full", "weight_dtype": "bf16"})]}
+        assert share == {k: cpu_efficiency(arch.hidden_size, True, k, unit) for k in share}
+        assert len(set(share.values())) == 3
+
+
+def test_cpu_share_follows_this_cpus_bf16_unit(monkeypatch):
+    """AMX's peak is 4-5x AVX512-BF16's against the same memory-bound work, so a step reaches a far
+    smaller share of it: this machine's plan takes its own unit's shares, a named laptop avx512's."""
+    from tunelab.planning.arch import resolve_arch
+    from tunelab.planning.timing import cpu_efficiency, cpu_matmul_unit
+
+    for flags, unit in [({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "amx"),
+                        ({"avx512f", "avx512_bf16"}, "avx512"), ({"avx2", "fma"}, "avx512")]:
+        monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda flags=flags: frozenset(flags))
+        assert cpu_matmul_unit() == unit
+        assert cpu_efficiency(576, True) == cpu_efficiency(576, True, "lora", unit)
+    assert cpu_efficiency(576, True, "lora", "avx512") > 2 * cpu_efficiency(576, True, "lora", "amx")
+
+    monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda: frozenset({"amx_bf16"}))
+    arch = resolve_arch("7b")
+    here = judge(arch, Setup(), this_machine({"bf16": 1.0, "fp32": 1.0}), steps=10)
+    laptop = judge(arch, Setup(), get_device("laptop-32gb"), steps=10)
+    assert here.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", "amx")
+    assert laptop.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", "avx512")
 
 
 def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, monkeypatch):

@@ -150,8 +150,9 @@ def judge(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", steps: int | N
     peak = breakdown(arch, s, dev.kind).peak
     v = Verdict(dev, d, peak, _status(peak, dev))
     if timing and dev.tflops > 0:
-        v.timing = estimate(arch, s, dev.tflops, dev.kind, steps, "datasheet" if "here" not in dev.name else "measured",
-                            compiled=compiled)
+        here = dev.name.startswith("here")
+        v.timing = estimate(arch, s, dev.tflops, dev.kind, steps, "measured" if here else "datasheet",
+                            compiled=compiled, cpu_unit=None if here else "avx512")  # named CPUs: laptops, no AMX
     if v.status != "fits":
         v.advice = advise(arch, s, dev)
     return v

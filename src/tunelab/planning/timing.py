@@ -3,8 +3,8 @@
 This machine's rate is a quick matmul calibration (bf16 and fp32, ~1 s each), cached per CPU,
 torch version and thread count; named devices use datasheet dense tensor-core figures. A training
 step reaches only a share of the matmul peak (elementwise work, attention, small LoRA matmuls):
-CPU_EFFICIENCY holds the shares measured on this loop here by model width (bench/RESULTS.md, MFU),
-GPU_EFFICIENCY a typical share on GPUs.
+CPU_EFFICIENCY holds the shares measured on this loop by the CPU's bf16 matmul unit and the model's
+width (bench/RESULTS.md, MFU), GPU_EFFICIENCY a typical share on GPUs.
 """
 
 import json
@@ -16,18 +16,31 @@ from pathlib import Path
 from tunelab.planning.arch import Arch
 from tunelab.planning.memory import Setup
 
-# Model FLOPs per second / bf16 matmul peak that this loop reaches on this CPU, (uncompiled, compiled)
-# by the model's hidden size: bench/train_speed.py --shape 135m / 360m / 1.7b on 2026-12-05, against
-# the day's highest measured peak (bench/RESULTS.md, "MFU and the model's size"). LoRA's share grows
-# with the width (larger GEMMs against the same memory-bound work around them: norms, SiLU, the
-# adapters' products, the loss's softmax); full fine-tuning's with fp32 master weights does not (its
-# weight-gradient GEMMs run at about half the rate, its optimizer passes over fp32 weights; 1.7b does
-# not fit here). bf16 weights' uncompiled share was not measured: fp32's is taken, which errs long.
+# Model FLOPs per second / bf16 matmul peak that this loop reaches on a CPU, (uncompiled, compiled),
+# by the CPU's bf16 matmul unit, the method and the model's hidden size: bench/train_speed.py
+# --shape 135m / 360m / 1.7b, against the highest peak measured that day (bench/RESULTS.md, "MFU and
+# the model's size" and "On a CPU without AMX").
+# - amx (Intel Xeon with AMX, 2026-12-05): tiles make the GEMMs so fast (peak 1.6-2.1 TFLOP/s on 2
+#   cores) that the memory-bound work around them (norms, SiLU, the adapters' products, the loss's
+#   softmax) takes most of a step, so the share is low and grows with the width. Full fine-tuning with
+#   fp32 master weights does not grow (its weight-gradient GEMMs run at about half the rate, its
+#   optimizer passes over fp32 weights; 1.7b does not fit in 24 GB). bf16 weights' uncompiled share
+#   was not measured there: fp32's is taken, which errs long.
+# - avx512 (AMD EPYC Zen 4 with AVX512-BF16, 2026-12-06, peak 405-435 GFLOP/s): a 4-5x lower peak
+#   against the same memory traffic, so the GEMMs dominate and the share is high at every width;
+#   compiling buys less (at 1.7b nothing: the eager step measured 2 points higher). bf16 weights'
+#   uncompiled share was not measured: fp32's is taken. CPUs with neither unit (AVX2 laptops, which
+#   train in fp32) take these shares too: their vector FMA units are likewise slow against memory.
 # Between measured widths the share is interpolated on log(hidden); beyond them it stays at the
-# nearest one (so a 7B plan errs long too).
-CPU_EFFICIENCY = {"lora": {576: (0.16, 0.26), 960: (0.21, 0.28), 2048: (0.34, 0.43)},
-                  "full": {576: (0.15, 0.22), 960: (0.17, 0.21)},
-                  "full_bf16": {576: (0.15, 0.27), 960: (0.17, 0.28), 2048: (0.17, 0.33)}}
+# nearest one.
+CPU_EFFICIENCY = {
+    "amx": {"lora": {576: (0.16, 0.26), 960: (0.21, 0.28), 2048: (0.34, 0.43)},
+            "full": {576: (0.15, 0.22), 960: (0.17, 0.21)},
+            "full_bf16": {576: (0.15, 0.27), 960: (0.17, 0.28), 2048: (0.17, 0.33)}},
+    "avx512": {"lora": {576: (0.55, 0.64), 960: (0.64, 0.69), 2048: (0.72, 0.70)},
+               "full": {576: (0.50, 0.60), 960: (0.61, 0.61)},
+               "full_bf16": {576: (0.50, 0.63), 960: (0.61, 0.71), 2048: (0.61, 0.69)}},
+}
 GPU_EFFICIENCY = 0.35  # a usual figure for fine-tuning loops on tensor cores
 QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forward and backward
 
@@ -62,22 +75,32 @@ class Timing:
     efficiency: float  # the share of the peak the step reaches (model FLOPs / peak)
 
 
-def cpu_efficiency(hidden_size: int, compiled: bool, kind: str = "lora") -> float:
-    """The share of the matmul peak a training step reaches on a CPU; kind: lora, full or full_bf16
-    (see CPU_EFFICIENCY). np.interp holds the end values beyond the measured widths."""
+def cpu_matmul_unit() -> str:
+    """This CPU's bf16 matmul unit as CPU_EFFICIENCY names it: amx, else avx512."""
+    from tunelab.hardware import cpu_flags
+
+    return "amx" if "amx_bf16" in cpu_flags() else "avx512"
+
+
+def cpu_efficiency(hidden_size: int, compiled: bool, kind: str = "lora", unit: str | None = None) -> float:
+    """The share of the matmul peak a training step reaches on a CPU; kind: lora, full or full_bf16;
+    unit: amx or avx512, this CPU's when None (see CPU_EFFICIENCY). np.interp holds the end values
+    beyond the measured widths."""
     import math
 
     import numpy as np
 
-    widths = sorted(CPU_EFFICIENCY[kind])
-    shares = [CPU_EFFICIENCY[kind][w][compiled] for w in widths]
+    table = CPU_EFFICIENCY[unit or cpu_matmul_unit()][kind]
+    widths = sorted(table)
+    shares = [table[w][compiled] for w in widths]
     return float(np.interp(math.log(hidden_size), [math.log(w) for w in widths], shares))
 
 
 def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | None,
-             rate_source: str, compiled: bool = False) -> Timing:
+             rate_source: str, compiled: bool = False, cpu_unit: str | None = None) -> Timing:
+    """cpu_unit: the CPU's bf16 matmul unit (CPU_EFFICIENCY), this machine's when None."""
     method = "full_bf16" if s.bf16_weights else "full" if s.method == "full" else "lora"
-    eff = GPU_EFFICIENCY if kind == "gpu" else cpu_efficiency(arch.hidden_size, compiled, method)
+    eff = GPU_EFFICIENCY if kind == "gpu" else cpu_efficiency(arch.hidden_size, compiled, method, cpu_unit)
     rate = peak_tflops * 1e12 * eff
     if s.method == "qlora" and kind == "cpu":
         rate /= QLORA_CPU_SLOWDOWN
