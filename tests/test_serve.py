@@ -158,6 +158,77 @@ def test_adapters_chosen_by_model_field(client, engine):
     assert results == answers
 
 
+def test_chat_page_is_served_with_its_own_files_only(server):
+    """The page at / loads only /ui/chat.js and /ui/chat.css (a fixed table, never a path), refers to
+    nothing outside this server, and its headers forbid anything else; it holds no secret, so it needs
+    no key (its API calls do)."""
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
+    assert re.findall(r'(?:src|href)="([^"]+)"', page.text) == ["/ui/chat.css", "/ui/chat.js"]
+    assert not re.search(r"https?://", page.text)
+    for name, kind in [("chat.js", "text/javascript"), ("chat.css", "text/css")]:
+        r = httpx.get(f"{server.url}/ui/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.text) > 500
+        assert not re.search(r"https?://", r.text)  # no CDN, no fonts, no telemetry
+    for bad in ["app.py", "..%2Fapp.py", "chat.html.bak"]:
+        assert httpx.get(f"{server.url}/ui/{bad}").status_code == 404
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+NODE_CHAT = r"""
+const chat = require(process.argv[2]);
+const [url, key] = [process.argv[3], process.argv[4]];
+(async () => {
+  const out = {models: await chat.listModels(url, key), answers: {}, pieces: {}};
+  try { await chat.listModels(url, ""); } catch (e) { out.without_key = e.message; }
+  const turns = [{user: "Hello there", answers: {}}];
+  await Promise.all(["tiny", "stance"].map(async (model) => {
+    out.pieces[model] = 0;
+    out.answers[model] = await chat.streamChat({base: url, model, apiKey: key, temperature: 0, maxTokens: 6,
+      messages: chat.messagesFor("", turns, "a"), onDelta: () => { out.pieces[model] += 1; }});
+  }));
+  try {
+    await chat.streamChat({base: url, model: "nope", apiKey: key, temperature: 0, maxTokens: 6,
+                           messages: chat.messagesFor("", turns, "a"), onDelta: () => {}});
+  } catch (e) { out.unknown_model = e.message; }
+  out.sse = chat.parseSSE('data: {"a":1}\n\ndata: [DONE]\r\n\r\ndata: {"b"');
+  out.messages = chat.messagesFor("Be brief.", [{user: "q1", answers: {a: "x1", b: "y1"}}, {user: "q2", answers: {}}], "b");
+  console.log(JSON.stringify(out));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_chat_page_script_streams_the_same_answers_as_the_api(server, engine, tmp_path):
+    """The page's own functions (chat.js, run by Node.js against the live server): two models at
+    once (the page's compare view) stream exactly the greedy answers, errors carry the server's
+    message, and each column's history holds its own answers."""
+    import shutil
+    from importlib.resources import files
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed: the chat page's script is not exercised")
+    script = tmp_path / "drive.js"
+    script.write_text(NODE_CHAT)
+    chat_js = str(files("tunelab") / "assets" / "webui" / "chat.js")
+    proc = subprocess.run([node, str(script), chat_js, server.url, KEY], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["models"] == ["tiny", "stance", "sentiment"]
+    assert out["without_key"].startswith("401") and "API key" in out["without_key"]
+    for model, adapter in [("tiny", "__base__"), ("stance", "stance")]:
+        got = out["answers"][model]
+        assert got["text"].strip() == reference_answer(engine, adapter, "Hello there", 6)
+        assert (got["finish"], got["completionTokens"]) == ("length", 6) and out["pieces"][model] >= 2
+    assert out["answers"]["tiny"]["text"] != out["answers"]["stance"]["text"]
+    assert out["unknown_model"].startswith("404") and "does not exist" in out["unknown_model"]
+    assert out["sse"] == {"events": ['{"a":1}', "[DONE]"], "rest": 'data: {"b"'}
+    assert out["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"},
+                               {"role": "assistant", "content": "y1"}, {"role": "user", "content": "q2"}]
+
+
 def test_concurrent_requests_are_batched_and_exact(client, server, engine):
     prompts = [f"Question number {i}: {'why ' * i}is the sky blue?" for i in range(8)]
     want = [reference_answer(engine, "__base__", p, 10) for p in prompts]

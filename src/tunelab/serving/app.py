@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/models, /v1/chat/completions, /v1/completions, and /health.
+"""The FastAPI app: OpenAI's /v1/models, /v1/chat/completions, /v1/completions, /health, and the
+chat page at / (assets/webui: plain HTML and JS over the same API, no external resources).
 
 Bodies are read by hand (size-capped) and validated with pydantic, so every bad request gets an
 OpenAI-shaped error with the right status instead of FastAPI's default 422 shape. The `model`
@@ -13,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -22,6 +23,19 @@ from tunelab.errors import TunelabError
 from tunelab.generation import SamplingConfig
 from tunelab.serving.batching import Batcher, Job, QueueFull
 from tunelab.serving.protocol import APIError, ChatRequest, CompletionRequest, validation_error
+
+
+WEBUI = {"chat.js": "text/javascript", "chat.css": "text/css"}  # what /ui/ serves: this table, never a path
+# the page may load only its own script and style and talk only to this server
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def webui_file(name: str) -> bytes:
+    from importlib.resources import files
+
+    return (files("tunelab") / "assets" / "webui" / name).read_bytes()
 
 
 @dataclass
@@ -142,6 +156,16 @@ def create_app(engine, batcher: Batcher, api_key: str | None = None, limits: Lim
                            code="queue_full", headers={"Retry-After": "1"}) from None
 
     # ---- endpoints --------------------------------------------------------------------
+    @app.get("/")
+    async def chat_page():
+        return Response(webui_file("chat.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    @app.get("/ui/{name}")
+    async def chat_page_asset(name: str):
+        if name not in WEBUI:
+            raise HTTPException(404, f"no such file: /ui/{name}")
+        return Response(webui_file(name), media_type=f"{WEBUI[name]}; charset=utf-8", headers=PAGE_HEADERS)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": list(engine.models), "queued": batcher.queued,

@@ -63,7 +63,7 @@ def serve(model_ref: str, adapters: dict[str, str] | None = None, host: str = "1
     app = create_app(eng, batcher, api_key, Limits(max_body_bytes=max_body_bytes, max_tokens=max_tokens))
     console.print(f"serving {', '.join(eng.models)} at http://{host}:{port}/v1 "
                   f"(engine {type(eng).__name__}, batch {batcher.max_batch}"
-                  f"{', API key required' if api_key else ''})", highlight=False)
+                  f"{', API key required' if api_key else ''}); chat page: http://{host}:{port}/", highlight=False)
     logging.getLogger("tunelab.serve").setLevel(log_level.upper())
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, let running
     # requests finish (up to the timeout), then the app's lifespan stops the batcher
