@@ -19,7 +19,7 @@ from tunelab.planning.memory import Setup
 # Model FLOPs per second / bf16 matmul peak that this loop reaches on a CPU, (uncompiled, compiled),
 # by the CPU's bf16 matmul unit, the method and the model's hidden size: bench/train_speed.py
 # --shape 135m / 360m / 1.7b, against the highest peak measured that day (bench/RESULTS.md, "MFU and
-# the model's size" and "On a CPU without AMX").
+# the model's size" and "The model's size without AMX").
 # - amx (Intel Xeon with AMX, 2026-12-05): tiles make the GEMMs so fast (peak 1.6-2.1 TFLOP/s on 2
 #   cores) that the memory-bound work around them (norms, SiLU, the adapters' products, the loss's
 #   softmax) takes most of a step, so the share is low and grows with the width. Full fine-tuning with
