@@ -95,6 +95,8 @@ def quickstart(output_dir: str = "runs", max_steps: int = 60, n_eval: int = 100,
     console.print(f"everything is in {result.run_dir}: config.yaml, metrics.jsonl, loss.png, final/, quickstart.md, eval/")
     console.print(f"next: tunelab chat {result.run_dir}   |   tunelab export {result.run_dir} --format merged "
                   f"--out merged/")
+    console.print("base and tuned side by side in a browser: tunelab serve smollm2-135m-instruct "
+                  f"--adapter tuned={result.run_dir}, then open http://127.0.0.1:8000/ and pick 'compare with: tuned'")
     return summary
 
 

@@ -139,7 +139,8 @@ if (typeof document !== "undefined") {
       turn.answers[column] = r.text;
       const meta = document.createElement("span");
       meta.className = "meta";
-      const rate = r.completionTokens ? ` · ${r.completionTokens} tokens · ${(r.completionTokens / r.seconds).toFixed(1)} tokens/s` : "";
+      const n = r.completionTokens;
+      const rate = n ? ` · ${n} token${n === 1 ? "" : "s"} · ${(n / r.seconds).toFixed(1)} tokens/s` : "";
       meta.textContent = `${r.seconds.toFixed(1)} s${rate} · finish: ${r.finish}`;
       div.appendChild(meta);
     } catch (e) {
