@@ -229,6 +229,37 @@ def test_chat_page_script_streams_the_same_answers_as_the_api(server, engine, tm
                                {"role": "assistant", "content": "y1"}, {"role": "user", "content": "q2"}]
 
 
+def test_chat_page_in_a_real_browser(server, engine):
+    """The page in headless Chromium (tests/webui/drive_page.js; .ci/run installs Debian's chromium
+    and puppeteer-core): it asks for the key, lists the models, hides the compare column until one
+    is picked, sends on Enter, and both columns stream the greedy answers, with no console errors
+    (a Content-Security-Policy violation would be one)."""
+    import shutil
+    from pathlib import Path
+
+    webui = Path(__file__).parent / "webui"
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not (chromium and shutil.which("node") and (webui / "node_modules" / "puppeteer-core").is_dir()):
+        pytest.skip("needs chromium, Node.js and `npm install --prefix tests/webui` (.ci/run does both)")
+    prompt = "Label the sentiment: great food"
+    proc = subprocess.run(["node", str(webui / "drive_page.js"), server.url + "/", KEY, "stance", prompt, "6"],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "CHROMIUM": chromium})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    unauthorized = "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
+    assert out["errors"] == [unauthorized]  # the model list asked before the key was typed in; nothing else
+    assert "needs an API key" in out["status_without_key"]
+    assert out["models"] == ["tiny", "stance", "sentiment"]
+    assert (out["compare_hidden_display"], out["compare_shown_display"]) == ("none", "flex")
+    for column, adapter in [("a", "__base__"), ("b", "stance")]:
+        user, answer = out["columns"][column]
+        assert user == {"role": "user", "text": prompt, "meta": ""}
+        assert answer["role"] == "assistant"
+        assert answer["text"].strip() == reference_answer(engine, adapter, prompt, 6)
+        assert "6 tokens" in answer["meta"] and "finish: length" in answer["meta"]
+    assert out["columns"]["a"][1]["text"] != out["columns"]["b"][1]["text"]
+
+
 def test_concurrent_requests_are_batched_and_exact(client, server, engine):
     prompts = [f"Question number {i}: {'why ' * i}is the sky blue?" for i in range(8)]
     want = [reference_answer(engine, "__base__", p, 10) for p in prompts]

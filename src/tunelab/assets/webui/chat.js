@@ -98,7 +98,9 @@ if (typeof document !== "undefined") {
     const div = document.createElement("div");
     div.className = `msg ${role}`;
     div.textContent = text;  // never innerHTML: a model's output is text, not markup
-    $(`log-${column}`).appendChild(div);
+    const log = $(`log-${column}`);
+    log.appendChild(div);
+    log.scrollTop = log.scrollHeight;
     return div;
   }
 
@@ -135,7 +137,12 @@ if (typeof document !== "undefined") {
     const messages = messagesFor($("system").value, turns, column);
     const div = bubble(column, "assistant", "");
     try {
-      const r = await streamChat({ ...settings, model, messages, onDelta: (piece) => { div.textContent += piece; } });
+      const log = $(`log-${column}`);
+      const r = await streamChat({ ...settings, model, messages, onDelta: (piece) => {
+        const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 40;  // follow unless the reader scrolled up
+        div.textContent += piece;
+        if (atEnd) log.scrollTop = log.scrollHeight;
+      } });
       turn.answers[column] = r.text;
       const meta = document.createElement("span");
       meta.className = "meta";
