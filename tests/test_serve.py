@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -177,30 +178,7 @@ def test_chat_page_is_served_with_its_own_files_only(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
 
 
-NODE_CHAT = r"""
-const chat = require(process.argv[2]);
-const [url, key] = [process.argv[3], process.argv[4]];
-(async () => {
-  const out = {models: await chat.listModels(url, key), answers: {}, pieces: {}};
-  try { await chat.listModels(url, ""); } catch (e) { out.without_key = e.message; }
-  const turns = [{user: "Hello there", answers: {}}];
-  await Promise.all(["tiny", "stance"].map(async (model) => {
-    out.pieces[model] = 0;
-    out.answers[model] = await chat.streamChat({base: url, model, apiKey: key, temperature: 0, maxTokens: 6,
-      messages: chat.messagesFor("", turns, "a"), onDelta: () => { out.pieces[model] += 1; }});
-  }));
-  try {
-    await chat.streamChat({base: url, model: "nope", apiKey: key, temperature: 0, maxTokens: 6,
-                           messages: chat.messagesFor("", turns, "a"), onDelta: () => {}});
-  } catch (e) { out.unknown_model = e.message; }
-  out.sse = chat.parseSSE('data: {"a":1}\n\ndata: [DONE]\r\n\r\ndata: {"b"');
-  out.messages = chat.messagesFor("Be brief.", [{user: "q1", answers: {a: "x1", b: "y1"}}, {user: "q2", answers: {}}], "b");
-  console.log(JSON.stringify(out));
-})().catch((e) => { console.error(e); process.exit(1); });
-"""
-
-
-def test_chat_page_script_streams_the_same_answers_as_the_api(server, engine, tmp_path):
+def test_chat_page_script_streams_the_same_answers_as_the_api(server, engine):
     """The page's own functions (chat.js, run by Node.js against the live server): two models at
     once (the page's compare view) stream exactly the greedy answers, errors carry the server's
     message, and each column's history holds its own answers."""
@@ -210,8 +188,7 @@ def test_chat_page_script_streams_the_same_answers_as_the_api(server, engine, tm
     node = shutil.which("node")
     if node is None:
         pytest.skip("Node.js is not installed: the chat page's script is not exercised")
-    script = tmp_path / "drive.js"
-    script.write_text(NODE_CHAT)
+    script = Path(__file__).parent / "webui" / "drive_script.js"
     chat_js = str(files("tunelab") / "assets" / "webui" / "chat.js")
     proc = subprocess.run([node, str(script), chat_js, server.url, KEY], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -235,7 +212,6 @@ def test_chat_page_in_a_real_browser(server, engine):
     is picked, sends on Enter, and both columns stream the greedy answers, with no console errors
     (a Content-Security-Policy violation would be one)."""
     import shutil
-    from pathlib import Path
 
     webui = Path(__file__).parent / "webui"
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
