@@ -6,10 +6,10 @@ all-linear, dropout 0; 8 rows per optimizer step; max_seq_len 512; the same numb
 Peers (../shared/bench/peer_hf_trainer.py; for --method full, bench/peer_full_finetune.py, the same
 recipe without the adapter): the HF Trainer recipe as documented (fp32 on a CPU), the same with bf16,
 TRL SFTTrainer with bf16 and padding-free packing.
-tunelab runs three ways: compiled (the headline), eager, and compiled with data.train_on_prompt so
-that its loss is the peers' quantity (every token, not only the answers); with --method full also
-compiled with 8-bit AdamW (bitsandbytes) and compiled with bf16 weights (train.weight_dtype), the
-memory-saving options.
+tunelab runs four ways: compiled (the headline), eager, compiled with data.train_on_prompt so
+that its loss is the peers' quantity (every token, not only the answers), and compiled with
+gradient checkpointing (train.gradient_checkpointing); with --method full also compiled with 8-bit
+AdamW (bitsandbytes) and compiled with bf16 weights (train.weight_dtype), the memory-saving options.
 Each runs in its own process (peak RSS is per process); the first step is not timed.
 --shape 360m / 1.7b runs the tunelab rows on SmolLM2's larger published shapes with random weights
 (written once to bench/.cache): how MFU grows with the model, where GEMMs outweigh the memory-bound
@@ -69,7 +69,8 @@ def model_counts(model_dir: Path) -> tuple[float, float, float]:
     return sum(p.numel() for p in model.parameters()), n_lora, head.weight.numel()
 
 VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
-            "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights"}
+            "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights",
+            "grad-checkpoint": "+ compile, gradient checkpointing"}
 FULL_ONLY = ("adamw-8bit", "bf16-weights")  # options of full fine-tuning's optimizer and weights
 
 
@@ -87,7 +88,7 @@ def tunelab_config(model_dir: str, data: str, steps: int, method: str, variant: 
             "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
                       "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
                       "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
-                      "compile": variant != "eager",
+                      "compile": variant != "eager", "gradient_checkpointing": variant == "grad-checkpoint",
                       "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw",
                       "weight_dtype": "bf16" if variant == "bf16-weights" else "fp32"}}
 
