@@ -306,3 +306,41 @@ def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config,
     assert calls == []  # stopped before any weight loaded
     result = tunelab.train(huge, quiet=True, force=True)
     assert calls and result.steps == 1
+
+
+def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(tiny_config, monkeypatch):
+    import yaml
+    from transformers import PreTrainedModel
+
+    import tunelab.planning as planning
+    from tunelab.planning.devices import Device
+
+    cfg = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 64, "grad_accum_steps": 1,
+                                   "max_steps": 1, "compile": False})
+    cfg["data"] = {**tiny_config["data"], "max_seq_len": 1024}  # the plan's worst case: 64 rows of 1024 tokens
+    off = tunelab.plan(cfg, devices=[], timing=False, gradient_checkpointing=False).here.peak_bytes
+    on = tunelab.plan(cfg, devices=[], timing=False, gradient_checkpointing=True).here.peak_bytes
+    assert on < off
+    enabled = []
+    real_enable = PreTrainedModel.gradient_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable",
+                        lambda self, *a, **k: enabled.append(True) or real_enable(self, *a, **k))
+
+    def machine_with(usable_bytes):
+        box = Device("small box", "cpu", usable_bytes / 1e9 + 1, usable_bytes / 1e9, 0.0, "fp32")
+        monkeypatch.setattr(planning, "this_machine", lambda rates=None: box)
+
+    def trained_with(train_overrides):
+        run = tunelab.train(dict(cfg, train={**cfg["train"], **train_overrides}), quiet=True)
+        saved = yaml.safe_load((run.run_dir / "config.yaml").read_text())["train"]["gradient_checkpointing"]
+        return saved, enabled.pop() if enabled else False
+
+    machine_with((on + off) / 2)  # fits with it, not without
+    assert trained_with({}) == (True, True)  # auto: on, and recorded so that a resume does the same
+    with pytest.raises(RunError, match="--force"):
+        trained_with({"gradient_checkpointing": False})  # the user's own false stays false
+    machine_with(10 * off)  # fits anyway: auto stays off
+    assert trained_with({}) == (False, False)
+    machine_with(on / 2)  # fits neither way: refused with the advice, before loading anything
+    with pytest.raises(RunError, match="--force"):
+        trained_with({})

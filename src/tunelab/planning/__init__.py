@@ -111,8 +111,8 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     s = Setup(method=method or cfg.method, max_seq_len=max_seq_len or cfg.data.max_seq_len,
               micro_batch_size=micro_batch_size or cfg.train.micro_batch_size,
               grad_accum_steps=grad_accum_steps or cfg.train.grad_accum_steps,
-              gradient_checkpointing=(cfg.train.gradient_checkpointing if gradient_checkpointing is None
-                                      else gradient_checkpointing),
+              gradient_checkpointing=bool(cfg.train.gradient_checkpointing if gradient_checkpointing is None
+                                          else gradient_checkpointing),  # auto plans without
               lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
               lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer,
               weight_dtype=cfg.train.weight_dtype)
@@ -312,6 +312,18 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
     v = result.here
     need = v.peak_bytes * procs
     status = _status(need, v.device)
+    if cfg.train.gradient_checkpointing is None:  # auto: only where it makes the run fit
+        cfg.train.gradient_checkpointing = False
+        if status == "does not fit":
+            checkpointed = plan(cfg, devices=[], timing=False, gradient_checkpointing=True)
+            if _status(checkpointed.here.peak_bytes * procs, v.device) != "does not fit":
+                cfg.train.gradient_checkpointing = True
+                info(f"gradient checkpointing on (train.gradient_checkpointing auto): the run is predicted to "
+                     f"need {need / 1e9:.1f} GB without it, {checkpointed.here.peak_bytes * procs / 1e9:.1f} GB "
+                     f"with it, and {v.device.name} has {v.device.usable_gb:.1f} GB usable")
+                result, v = checkpointed, checkpointed.here
+                need = v.peak_bytes * procs
+                status = _status(need, v.device)
     if status == "does not fit" and not force:
         raise RunError(
             f"this run is predicted to need {need / 1e9:.1f} GB at its peak"

@@ -210,7 +210,7 @@ def _common_args(cfg: RunConfig, run_dir: Path, compute_dtype, has_val: bool) ->
         save_strategy="steps" if t.save_every_n_steps else "no", save_steps=t.save_every_n_steps or 500,
         save_total_limit=t.keep_checkpoints, bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16, use_cpu=not torch.cuda.is_available(), report_to=[],
-        disable_tqdm=True, gradient_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+        disable_tqdm=True, gradient_checkpointing=bool(t.gradient_checkpointing), dataloader_num_workers=0,
         neftune_noise_alpha=t.neftune_alpha, save_only_model=False,
         **({"optim": "adamw_bnb_8bit"} if t.optimizer == "adamw_8bit" else {}))
 
