@@ -349,6 +349,13 @@ def compile_blocks(model) -> None:
     import torch._functorch.config
 
     torch._functorch.config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
+    # With gradient checkpointing, a layer's forward mutates transformers' output-capture context
+    # variable, a side effect that dynamo refuses to trace inside a checkpoint unless it may skip it
+    # when the backward recomputes the forward (harmless: nothing captures outputs in training).
+    # Refused, every layer broke out of its graph and ran eager (bench/RESULTS.md).
+    import torch._dynamo.config
+
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     _rope_outside_graph(decoder)
     layers = getattr(decoder, "layers", None)
     blocks = list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else [decoder]
