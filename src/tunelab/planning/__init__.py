@@ -186,7 +186,7 @@ def _candidates(arch: Arch, s: Setup, dev: Device) -> list[tuple[str, str, dict]
         out.append((f"micro batch {mbs}", f"train.micro_batch_size={mbs} train.grad_accum_steps={accum} "
                     "(same effective batch, same result)", {"micro_batch_size": mbs, "grad_accum_steps": accum}))
     if not s.gradient_checkpointing:
-        out.append(("grad ckpt", "train.gradient_checkpointing=true (same result, ~30% slower)",
+        out.append(("grad ckpt", "train.gradient_checkpointing=true (same result, slower: LoRA ~30%, full ~10-15%)",
                     {"gradient_checkpointing": True}))
     if s.method == "full" and s.weight_dtype == "fp32":
         out.append(("bf16 weights", "train.weight_dtype=bf16 (weights, gradients and AdamW in bf16 with stochastic "
