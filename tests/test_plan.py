@@ -336,10 +336,14 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
         return saved, enabled.pop() if enabled else False
 
     machine_with((on + off) / 2)  # fits with it, not without
+    planned = tunelab.plan(cfg, devices=[], timing=False)  # the plan resolves auto as train does
+    assert planned.setup.gradient_checkpointing and planned.auto_checkpointing and planned.fits_here
+    assert "gradient checkpointing on (auto: needed to fit on small box)" in str(planned)
     assert trained_with({}) == (True, True)  # auto: on, and recorded so that a resume does the same
     with pytest.raises(RunError, match="--force"):
         trained_with({"gradient_checkpointing": False})  # the user's own false stays false
     machine_with(10 * off)  # fits anyway: auto stays off
+    assert not tunelab.plan(cfg, devices=[], timing=False).auto_checkpointing
     assert trained_with({}) == (False, False)
     machine_with(on / 2)  # fits neither way: refused with the advice, before loading anything
     with pytest.raises(RunError, match="--force"):

@@ -43,6 +43,7 @@ class PlanResult:
     verdicts: list[Verdict]
     steps: int | None = None
     compiled: bool = False                    # whether the run's blocks will be torch.compile'd (its time)
+    auto_checkpointing: bool = False          # train.gradient_checkpointing auto turned it on: needed to fit
 
     @property
     def peak_bytes(self) -> float:
@@ -64,6 +65,7 @@ class PlanResult:
         b = self.breakdown
         return {"model": self.arch.name, "source": self.arch.source, "params": self.arch.n_params,
                 "trainable_params": b.trainable_params, "setup": vars(self.setup), "compiled": self.compiled,
+                "auto_checkpointing": self.auto_checkpointing,
                 "peak_gb": round(b.peak / 1e9, 3), "terms_gb": {k: round(v / 1e9, 3) for k, v in b.terms.items()},
                 "devices": [{"device": v.device.name, "dtype": v.dtype, "peak_gb": round(v.peak_bytes / 1e9, 2),
                              "usable_gb": v.device.usable_gb, "status": v.status, "advice": v.advice,
@@ -81,7 +83,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
          grad_accum_steps: int | None = None, gradient_checkpointing: bool | None = None,
          lora_rank: int | None = None, dtype: str | None = None, optimizer: str | None = None,
          device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
-         steps: int | None = None, overrides=None, timing: bool = True) -> PlanResult:
+         steps: int | None = None, overrides=None, timing: bool = True, processes: int = 1) -> PlanResult:
     """Predict peak memory and time of a training run, here and on named devices.
 
     Args:
@@ -95,6 +97,11 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
         devices: the other devices to judge (default: every named device; [] for none).
         steps: optimizer steps, for the total time (default: the config's max_steps).
         timing: False skips the time estimate (and this machine's matmul calibration).
+        processes: training processes on the first device, each with its own copy (torchrun).
+
+    With train.gradient_checkpointing auto (None) and no `gradient_checkpointing` given, the plan
+    resolves it as `tunelab train` does: on only if the run does not fit on the first device
+    without it and fits with it (`auto_checkpointing` then says so).
 
     Returns:
         PlanResult; `str(result)` is the printed report.
@@ -112,7 +119,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
               micro_batch_size=micro_batch_size or cfg.train.micro_batch_size,
               grad_accum_steps=grad_accum_steps or cfg.train.grad_accum_steps,
               gradient_checkpointing=bool(cfg.train.gradient_checkpointing if gradient_checkpointing is None
-                                          else gradient_checkpointing),  # auto plans without
+                                          else gradient_checkpointing),  # auto: first without (below)
               lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
               lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer,
               weight_dtype=cfg.train.weight_dtype)
@@ -124,10 +131,16 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     first = [this_machine(rates)] if device in (None, "here") else [get_device(device)]
     others = [get_device(d) for d in (devices if devices is not None else list(DEVICES))]
     compiled = timing and _compiled(cfg, s, steps)
+    auto = gradient_checkpointing is None and cfg.train.gradient_checkpointing is None and not s.gradient_checkpointing
+    if auto and not _can_run(arch, s, first[0], wanted_dtype, processes) and \
+            _can_run(arch, replace(s, gradient_checkpointing=True), first[0], wanted_dtype, processes):
+        s = replace(s, gradient_checkpointing=True)
+    else:
+        auto = False
     verdicts = [judge(arch, s, d, wanted_dtype, steps if timing else None, timing, compiled=compiled)
                 for d in first + [d for d in others if d.name != first[0].name]]
     b = breakdown(arch, replace(s, compute_dtype=verdicts[0].dtype), verdicts[0].device.kind)
-    return PlanResult(arch, s, b, verdicts, steps, compiled)
+    return PlanResult(arch, s, b, verdicts, steps, compiled, auto_checkpointing=auto)
 
 
 def _compiled(cfg, s: Setup, steps: int | None) -> bool:
@@ -244,6 +257,12 @@ def _fits(arch: Arch, s: Setup, dev: Device) -> bool:
     return _status(breakdown(arch, s, dev.kind).peak, dev) == "fits"
 
 
+def _can_run(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", processes: int = 1) -> bool:
+    """Whether `processes` copies of the run fit on `dev`, tightly or not (as `check_fits` judges)."""
+    d = dev.auto_dtype if dtype == "auto" else dtype
+    return _status(breakdown(arch, replace(s, compute_dtype=d), dev.kind).peak * processes, dev) != "does not fit"
+
+
 def _status(peak: float, dev: Device) -> str:
     usable = dev.usable_gb * 1e9
     if peak <= HEADROOM * usable:
@@ -304,26 +323,19 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
     from tunelab.errors import ModelError, RunError
     from tunelab.log import info
 
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: each process holds its own copy
     try:
-        result = plan(cfg, devices=[], timing=False)
+        result = plan(cfg, devices=[], timing=False, processes=procs)
     except ModelError:
         return None
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: each process holds its own copy
     v = result.here
     need = v.peak_bytes * procs
     status = _status(need, v.device)
-    if cfg.train.gradient_checkpointing is None:  # auto: only where it makes the run fit
-        cfg.train.gradient_checkpointing = False
-        if status == "does not fit":
-            checkpointed = plan(cfg, devices=[], timing=False, gradient_checkpointing=True)
-            if _status(checkpointed.here.peak_bytes * procs, v.device) != "does not fit":
-                cfg.train.gradient_checkpointing = True
-                info(f"gradient checkpointing on (train.gradient_checkpointing auto): the run is predicted to "
-                     f"need {need / 1e9:.1f} GB without it, {checkpointed.here.peak_bytes * procs / 1e9:.1f} GB "
-                     f"with it, and {v.device.name} has {v.device.usable_gb:.1f} GB usable")
-                result, v = checkpointed, checkpointed.here
-                need = v.peak_bytes * procs
-                status = _status(need, v.device)
+    if cfg.train.gradient_checkpointing is None:  # auto, resolved by the plan; config.yaml records it
+        cfg.train.gradient_checkpointing = result.setup.gradient_checkpointing
+        if result.auto_checkpointing:
+            info(f"gradient checkpointing on (train.gradient_checkpointing auto): without it this run is predicted "
+                 f"not to fit in the {v.device.usable_gb:.1f} GB usable on {v.device.name}; with it, {need / 1e9:.1f} GB")
     if status == "does not fit" and not force:
         raise RunError(
             f"this run is predicted to need {need / 1e9:.1f} GB at its peak"

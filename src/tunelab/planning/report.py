@@ -32,7 +32,8 @@ def format_plan(r) -> str:
         f"run     {s.method}"
         + (f" rank {s.lora_rank}" if s.method != "full" else "")
         + f", {here.dtype} compute, max_seq_len {s.max_seq_len}, micro batch {s.micro_batch_size} "
-        f"x {s.grad_accum_steps} accumulation, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}; "
+        f"x {s.grad_accum_steps} accumulation, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}"
+        f"{f' (auto: needed to fit on {here.device.name})' if r.auto_checkpointing else ''}; "
         f"trainable {b.trainable_params / 1e6:.2f}M",
         "",
         f"peak memory on {here.device.name}:",
