@@ -114,8 +114,9 @@ class TrainConfig:
     """Batch examples of similar length together (less waste when packing is off)."""
     gradient_checkpointing: bool | None = None
     """Recompute each layer's activations in the backward pass: same result, less memory, slower
-    (measured compiled: LoRA -40% peak memory for -30% speed; full fine-tuning -6-13% for -9-15%). None (auto): on only when the run is predicted not to fit in memory without it and to
-    fit with it (`tunelab train` says so, and the run's config.yaml records true)."""
+    (measured compiled: LoRA -40% peak memory for -30% speed; full fine-tuning -6-13% for -9-15%).
+    None (auto): on only when the run is predicted not to fit in memory without it and to fit with
+    it (`tunelab train` says so, and the run's config.yaml records true)."""
     compile: bool | None = None
     """torch.compile the transformer blocks, layer by layer: ~1.5x the tokens/s on this CPU after a
     one-time compile (~40 s, ~9 s when cached). None (auto): on when the run trains at least 80k tokens."""

@@ -131,12 +131,12 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     first = [this_machine(rates)] if device in (None, "here") else [get_device(device)]
     others = [get_device(d) for d in (devices if devices is not None else list(DEVICES))]
     compiled = timing and _compiled(cfg, s, steps)
-    auto = gradient_checkpointing is None and cfg.train.gradient_checkpointing is None and not s.gradient_checkpointing
-    if auto and not _can_run(arch, s, first[0], wanted_dtype, processes) and \
-            _can_run(arch, replace(s, gradient_checkpointing=True), first[0], wanted_dtype, processes):
-        s = replace(s, gradient_checkpointing=True)
-    else:
-        auto = False
+    checkpointed = replace(s, gradient_checkpointing=True)
+    auto = (gradient_checkpointing is None and cfg.train.gradient_checkpointing is None
+            and not _can_run(arch, s, first[0], wanted_dtype, processes)
+            and _can_run(arch, checkpointed, first[0], wanted_dtype, processes))
+    if auto:
+        s = checkpointed
     verdicts = [judge(arch, s, d, wanted_dtype, steps if timing else None, timing, compiled=compiled)
                 for d in first + [d for d in others if d.name != first[0].name]]
     b = breakdown(arch, replace(s, compute_dtype=verdicts[0].dtype), verdicts[0].device.kind)
