@@ -195,6 +195,10 @@ def test_time_estimate_counts_6n_for_full_and_4n_for_lora(tmp_path, monkeypatch)
     # the head runs on answer tokens only: a quarter of answers leaves out 3/4 of its forward and backward
     quarter = flops_per_token(arch, Setup(method="full", answer_fraction=0.25, **short))
     assert flops_per_token(arch, Setup(method="full", **short)) - quarter == pytest.approx(6 * 0.75 * head, rel=1e-6)
+    # checkpointing runs the layers' forward again, not the head's (the loss makes its gradients once)
+    recompute = (flops_per_token(arch, Setup(method="lora", gradient_checkpointing=True, **short))
+                 - flops_per_token(arch, Setup(method="lora", **short)))
+    assert recompute == pytest.approx(2 * arch.linear_params, rel=1e-6)
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     rates = machine_rates(seconds=0.05)
     assert rates["bf16"] > 0 and rates["fp32"] > 0

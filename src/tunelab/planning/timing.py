@@ -48,8 +48,8 @@ QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forwa
 def flops_per_token(arch: Arch, s: Setup) -> float:
     """Training FLOPs per token. Full: 6N (forward 2N, backward 4N); a frozen base needs no weight
     gradients, so LoRA/QLoRA: 4N + 6 per adapter parameter; gradient checkpointing adds one more
-    forward (2N). The output head's share of N runs on answer tokens only (the loss never applies it
-    to the prompt's). Causal attention adds 6 x layers x q_dim x seq (scores and values, forward and
+    forward of the decoder's layers (2N without the head). The output head's share of N runs on
+    answer tokens only (the loss never applies it to the prompt's). Causal attention adds 6 x layers x q_dim x seq (scores and values, forward and
     backward, half the pairs for the mask). The loss makes the head's gradients in its forward, so
     nothing is recomputed."""
     head = arch.vocab_size * arch.hidden_size
@@ -58,8 +58,8 @@ def flops_per_token(arch: Arch, s: Setup) -> float:
         base = 6.0 * n
     else:
         base = 4.0 * n + 6.0 * arch.lora_params(s.lora_rank, s.lora_targets)
-    if s.gradient_checkpointing:
-        base += 2.0 * n
+    if s.gradient_checkpointing:  # the layers run their forward again; the head never (see above)
+        base += 2.0 * arch.linear_params
     attention = 6.0 * arch.num_layers * arch.q_dim * s.max_seq_len
     return base + attention
 
