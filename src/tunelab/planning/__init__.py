@@ -158,9 +158,8 @@ def _compiled(cfg, s: Setup, steps: int | None) -> bool:
 def judge(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", steps: int | None = None,
           timing: bool = True, compiled: bool = False) -> Verdict:
     """Verdict for one device, with the cheapest changes that make the run fit there."""
-    d = dev.auto_dtype if dtype == "auto" else dtype
+    d, peak = _peak_on(arch, s, dev, dtype)
     s = replace(s, compute_dtype=d)
-    peak = breakdown(arch, s, dev.kind).peak
     v = Verdict(dev, d, peak, _status(peak, dev))
     if timing and dev.tflops > 0:
         here = dev.name.startswith("here")
@@ -257,10 +256,15 @@ def _fits(arch: Arch, s: Setup, dev: Device) -> bool:
     return _status(breakdown(arch, s, dev.kind).peak, dev) == "fits"
 
 
+def _peak_on(arch: Arch, s: Setup, dev: Device, dtype: str = "auto") -> tuple[str, float]:
+    """The compute dtype on `dev` ("auto": the device's) and the run's peak bytes there."""
+    d = dev.auto_dtype if dtype == "auto" else dtype
+    return d, breakdown(arch, replace(s, compute_dtype=d), dev.kind).peak
+
+
 def _can_run(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", processes: int = 1) -> bool:
     """Whether `processes` copies of the run fit on `dev`, tightly or not (as `check_fits` judges)."""
-    d = dev.auto_dtype if dtype == "auto" else dtype
-    return _status(breakdown(arch, replace(s, compute_dtype=d), dev.kind).peak * processes, dev) != "does not fit"
+    return _status(_peak_on(arch, s, dev, dtype)[1] * processes, dev) != "does not fit"
 
 
 def _status(peak: float, dev: Device) -> str:

@@ -48,10 +48,10 @@ QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forwa
 def flops_per_token(arch: Arch, s: Setup) -> float:
     """Training FLOPs per token. Full: 6N (forward 2N, backward 4N); a frozen base needs no weight
     gradients, so LoRA/QLoRA: 4N + 6 per adapter parameter; gradient checkpointing adds one more
-    forward of the decoder's layers (2N without the head). The output head's share of N runs on
-    answer tokens only (the loss never applies it to the prompt's). Causal attention adds 6 x layers x q_dim x seq (scores and values, forward and
-    backward, half the pairs for the mask). The loss makes the head's gradients in its forward, so
-    nothing is recomputed."""
+    forward of the decoder's layers (2N without the head: the loss makes the head's gradients in its
+    forward, so nothing of it is recomputed). The output head's share of N runs on answer tokens
+    only (the loss never applies it to the prompt's). Causal attention adds 6 x layers x q_dim x seq
+    (scores and values, forward and backward, half the pairs for the mask)."""
     head = arch.vocab_size * arch.hidden_size
     n = arch.linear_params + head * s.answer_fraction  # matmul parameters, the head where it runs
     if s.method == "full":
