@@ -70,8 +70,11 @@ def model_counts(model_dir: Path) -> tuple[float, float, float]:
 
 VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
             "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights",
-            "grad-checkpoint": "+ compile, gradient checkpointing"}
-FULL_ONLY = ("adamw-8bit", "bf16-weights")  # options of full fine-tuning's optimizer and weights
+            "grad-checkpoint": "+ compile, gradient checkpointing",
+            "in-backward": "+ compile, optimizer in backward (no clipping)",
+            "bf16-in-backward": "+ compile, bf16 weights, optimizer in backward"}
+# options of full fine-tuning's optimizer and weights
+FULL_ONLY = ("adamw-8bit", "bf16-weights", "in-backward", "bf16-in-backward")
 
 
 def variants(method: str) -> list[str]:
@@ -90,7 +93,9 @@ def tunelab_config(model_dir: str, data: str, steps: int, method: str, variant: 
                       "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
                       "compile": variant != "eager", "gradient_checkpointing": variant == "grad-checkpoint",
                       "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw",
-                      "weight_dtype": "bf16" if variant == "bf16-weights" else "fp32"}}
+                      "weight_dtype": "bf16" if variant.startswith("bf16") else "fp32",
+                      "optimizer_in_backward": variant.endswith("in-backward"),
+                      "max_grad_norm": 0.0 if variant.endswith("in-backward") else 1.0}}
 
 
 def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: str) -> None:

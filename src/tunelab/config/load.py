@@ -118,6 +118,18 @@ def validate(cfg: RunConfig) -> list[str]:
         if cfg.stage not in ("sft", "pretrain"):
             p.append(f"train.weight_dtype=bf16 with stage={cfg.stage}: only the sft and pretrain stages train bf16 "
                      "weights (the others keep fp32 master weights); use train.weight_dtype=fp32")
+    if t.optimizer_in_backward:
+        if t.max_grad_norm > 0:
+            p.append(f"train.optimizer_in_backward=true with train.max_grad_norm={t.max_grad_norm}: each weight is "
+                     "stepped before the next gradient exists, so there is no global norm to clip by; set "
+                     "train.max_grad_norm=0 (or turn train.optimizer_in_backward off)")
+        if t.grad_accum_steps > 1:
+            p.append(f"train.optimizer_in_backward=true with train.grad_accum_steps={t.grad_accum_steps}: every "
+                     "backward pass steps the weights, so gradients cannot accumulate; set train.grad_accum_steps=1 "
+                     "and raise train.micro_batch_size instead")
+        if cfg.stage not in ("sft", "pretrain"):
+            p.append(f"train.optimizer_in_backward=true with stage={cfg.stage}: only the sft and pretrain stages "
+                     "step inside backward; drop train.optimizer_in_backward")
     _one_of(p, "stage", cfg.stage, STAGES)
     if cfg.stage in ("sft", "pretrain"):
         _one_of(p, "data.format", d.format, ("auto", *FORMATS))

@@ -99,6 +99,11 @@ class TrainConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 = no clipping)."""
+    optimizer_in_backward: bool = False
+    """Step each weight the moment backward has its gradient, and free that gradient at once, so
+    the gradients of a step never all exist together: 4 bytes per trained parameter less at the
+    peak (2 with bf16 weights), as torchtune's optimizer_in_bwd. It needs max_grad_norm 0 (a global
+    norm needs every gradient at once), grad_accum_steps 1 and one process; sft and pretrain."""
     eval_every_n_steps: int = 50
     """Validation loss every N steps (0 = only at the end)."""
     save_every_n_steps: int = 100

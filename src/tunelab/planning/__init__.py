@@ -122,7 +122,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
                                           else gradient_checkpointing),  # auto: first without (below)
               lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
               lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer,
-              weight_dtype=cfg.train.weight_dtype)
+              weight_dtype=cfg.train.weight_dtype, optimizer_in_backward=cfg.train.optimizer_in_backward)
     _check(s, s.optimizer)
     arch = resolve_arch(model or cfg.model.ref)
     wanted_dtype = dtype or cfg.model.dtype
@@ -203,6 +203,12 @@ def _candidates(arch: Arch, s: Setup, dev: Device) -> list[tuple[str, str, dict]
     if s.method == "full" and s.weight_dtype == "fp32":
         out.append(("bf16 weights", "train.weight_dtype=bf16 (weights, gradients and AdamW in bf16 with stochastic "
                     "rounding: half their memory)", {"weight_dtype": "bf16"}))
+    if s.method == "full" and not s.optimizer_in_backward:
+        mbs = s.micro_batch_size * s.grad_accum_steps
+        out.append(("step in backward", f"train.optimizer_in_backward=true train.max_grad_norm=0 "
+                    + (f"train.micro_batch_size={mbs} train.grad_accum_steps=1 " if s.grad_accum_steps > 1 else "")
+                    + "(each gradient freed at its weight's step; no gradient clipping)",
+                    {"optimizer_in_backward": True, "micro_batch_size": mbs, "grad_accum_steps": 1}))
     if s.method == "full":
         out.append(("lora", "method=lora (adapters on a frozen base)", {"method": "lora"}))
     if s.method in ("full", "lora"):

@@ -4,6 +4,7 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
 - full: fp32 master weights, matmuls in bf16 under autocast; autocast keeps a bf16 copy of every
   weight from the forward to the backward (2 bytes/param); AdamW keeps two fp32 moments.
   With train.weight_dtype bf16: weights, gradients and both moments are bf16, and no copies.
+  With train.optimizer_in_backward each gradient is freed at its weight's step inside backward.
 - lora: the frozen base is loaded in the compute dtype (bf16: 2 bytes/param); adapters, their
   gradients and moments are fp32. qlora: the base's linear layers in 4-bit nf4.
 - the loss never holds [tokens x vocab] logits: the head runs CHUNK (256) answer rows at a time,
@@ -57,6 +58,7 @@ class Setup:
     lora_dropout: float = 0.05
     optimizer: str = "adamw"             # adamw | adamw_8bit (train.optimizer)
     weight_dtype: str = "fp32"           # fp32 | bf16 (train.weight_dtype): full fine-tuning's trained weights
+    optimizer_in_backward: bool = False  # train.optimizer_in_backward: each gradient freed at its weight's step
     double_quant: bool = True
     answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
 
@@ -94,6 +96,16 @@ def weight_bytes(arch: Arch, s: Setup) -> float:
 
 def trainable_params(arch: Arch, s: Setup) -> int:
     return arch.n_params if s.method == "full" else arch.lora_params(s.lora_rank, s.lora_targets)
+
+
+def held_gradient_params(arch: Arch, s: Setup) -> int:
+    """Parameters whose gradients exist at once at the peak: all trained ones, or stepped in
+    backward (train.optimizer_in_backward) one decoder block's and the embedding's (its gradient
+    is made in the forward, by the fused loss through the tied head, and stepped last)."""
+    n_train = trainable_params(arch, s)
+    if not s.optimizer_in_backward:
+        return n_train
+    return min(n_train, (arch.n_params - arch.embedding_params) // arch.num_layers + arch.embedding_params)
 
 
 def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
@@ -142,7 +154,7 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     n_train = trainable_params(arch, s)
     w = weight_bytes(arch, s)
     adapters = 4.0 * n_train if s.method != "full" else 0.0  # fp32 adapters
-    grads = (2.0 if s.bf16_weights else 4.0) * n_train
+    grads = (2.0 if s.bf16_weights else 4.0) * held_gradient_params(arch, s)
     opt = (4.0 if s.bf16_weights else 8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
     if s.optimizer == "adamw" or kind != "cpu":
         step_temp = 0.0  # fused AdamW: updated in place, one tensor at a time
@@ -161,8 +173,10 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     # Peak is the larger of two moments: the start of backward (activations, logits chunk, the
     # bf16 weight copies; gradients exist only under accumulation) and the optimizer step (all
     # gradients plus the step's temporaries; on a CPU the activations' heap is still mapped).
-    during_backward = copies + lg + (grads if s.grad_accum_steps > 1 else 0.0)
-    during_step = grads + step_temp
+    # Stepped in backward, the few gradients that exist at once are there during backward, and
+    # no step follows.
+    during_backward = copies + lg + (grads if s.grad_accum_steps > 1 or s.optimizer_in_backward else 0.0)
+    during_step = 0.0 if s.optimizer_in_backward else grads + step_temp
     if kind == "cpu":  # the activations' heap stays mapped through the optimizer step
         moment = act + max(during_backward, during_step)
     else:
@@ -180,6 +194,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
                         + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")),
+        **({"gradients": "stepped in backward: one block's and the embedding's at once"}
+           if s.optimizer_in_backward else {}),
         "logits and loss": f"{min(CHUNK, int(s.tokens * s.answer_fraction))} rows x {arch.vocab_size} vocab, chunked",
         "framework overhead": "python, torch, transformers, peft imported" if kind == "cpu" else "CUDA context",
     }

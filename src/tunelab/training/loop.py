@@ -31,7 +31,7 @@ from tunelab.runs import (append_metrics, atomic_write_json, environment_info, l
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.loss import token_loss_sum
-from tunelab.training.optim import build_optimizer, build_scheduler
+from tunelab.training.optim import build_optimizer, build_scheduler, step_in_backward
 
 # peft still calls a transformers property renamed in v5; the message says nothing to our users
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -180,6 +180,12 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     distributed.configure_deepspeed(accelerator, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     sharded_optimizer = distributed.shards_optimizer(accelerator)
+    in_backward = cfg.train.optimizer_in_backward
+    if in_backward:
+        if world > 1:  # DDP reduces a gradient after its hook would have stepped the weight with it
+            raise RunError(f"train.optimizer_in_backward=true with {world} processes: it steps each weight before "
+                           "the processes have averaged its gradient; run one process or turn it off")
+        step_in_backward(accelerator.unwrap_model(model), optimizer.optimizer)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0}
     if start_ckpt is not None:
         state = ckpt.load_training_state(start_ckpt, None if sharded_optimizer else optimizer, scheduler,
@@ -245,13 +251,14 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                                              / max(n_targets, 1))
                     step_loss += loss_sum.item()
                     step_tokens += sum(len(e.input_ids) for e in items)  # not the bucket's filler
-                if cfg.train.max_grad_norm <= 0:
+                if cfg.train.max_grad_norm <= 0:  # (always so with optimizer_in_backward)
                     grad_norm = None
                 elif bf16_weights:  # AdamWBf16 scales the gradients inside its update
                     grad_norm = optimizer.optimizer.clip_grad_norm_(cfg.train.max_grad_norm)
                 else:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
+                if not in_backward:  # else each weight was stepped in backward
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 epoch, index, _ = micro[-1]

@@ -39,6 +39,23 @@ def build_optimizer(model, cfg: TrainConfig, compiled: bool = False, seed: int =
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
 
 
+def step_in_backward(model, optimizer: torch.optim.Optimizer) -> list:
+    """Step each trained weight the moment backward has accumulated its gradient, then free that
+    gradient (train.optimizer_in_backward): a layer's gradients live until its own step, not until
+    the end of backward. The one optimizer keeps its moments, schedule and checkpoint as usual.
+
+    optimizer.step() steps every weight that has a gradient, and when a weight's hook runs it is
+    the only one: autograd runs each weight's hooks right after accumulating its gradient, and
+    every hook before it freed its own. A weight used twice (tied embeddings and head) accumulates
+    both uses before its hook runs. Returns the hooks' handles."""
+
+    def step_and_free(weight: torch.Tensor) -> None:
+        optimizer.step()
+        weight.grad = None
+
+    return [p.register_post_accumulate_grad_hook(step_and_free) for p in model.parameters() if p.requires_grad]
+
+
 class AdamWBf16(torch.optim.Optimizer):
     """AdamW for bf16 weights, with bf16 moments: 6 bytes of weight and state per parameter where
     fp32 master weights and moments take 12, and the gradients are bf16 too (2 bytes instead of 4).
