@@ -29,7 +29,8 @@ import torch
 
 from tunelab.data.encode import IGNORE
 
-from train_speed import LORA_RANK, SHAPES, VARIANTS, bench_inputs, flops_per_token, model_counts, tunelab_config
+from train_speed import (LORA_RANK, SHAPES, bench_inputs, flops_per_token, model_counts, tunelab_config, variant_arg,
+                         variant_label)
 
 HERE = Path(__file__).resolve().parent
 WAIT = 2  # training steps before the profiled ones: the first holds the compile, the second warms up
@@ -119,7 +120,7 @@ def sort_into_parts(events, vocab: int, rank: "int | None") -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--method", default="lora", choices=["lora", "full"])
-    p.add_argument("--variant", default="compile", choices=list(VARIANTS))
+    p.add_argument("--variant", default="compile", type=variant_arg, help="a row of train_speed.py")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     p.add_argument("--shape", default="135m", choices=list(SHAPES), help="SmolLM2's size (see train_speed.py)")
@@ -139,7 +140,7 @@ def main() -> None:
     rows.append(("everything else", per_step - sum(r[1] for r in rows), 0.0))
     model_flops = tokens / a.steps * flops_per_token(a.method, *model_counts(model_dir), conf.num_hidden_layers,
                                                      conf.hidden_size, tokens / a.steps / 8, answers / tokens)
-    print(f"\ntunelab {a.method} {VARIANTS[a.variant]}: {per_step:.2f} s a step, {tokens / a.steps:.0f} tokens "
+    print(f"\ntunelab {a.method} {variant_label(a.variant)}: {per_step:.2f} s a step, {tokens / a.steps:.0f} tokens "
           f"a step ({tokens / seconds:.0f} tokens/s), MFU {model_flops / per_step / peak:.1%} "
           f"(bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; {a.steps} steps profiled)\n")
     head = f"{'part':22} {'s/step':>7} {'share':>6} {'GFLOP/s':>8} {'MFU if only this part and those above took time':>49}"

@@ -9,7 +9,9 @@ TRL SFTTrainer with bf16 and padding-free packing.
 tunelab runs four ways: compiled (the headline), eager, compiled with data.train_on_prompt so
 that its loss is the peers' quantity (every token, not only the answers), and compiled with
 gradient checkpointing (train.gradient_checkpointing); with --method full also compiled with 8-bit
-AdamW (bitsandbytes) and compiled with bf16 weights (train.weight_dtype), the memory-saving options.
+AdamW (bitsandbytes), with bf16 weights (train.weight_dtype), and with the optimizer stepped inside
+backward (train.optimizer_in_backward), alone and with checkpointing: the memory-saving options.
+--variant picks rows, or combines options: `--variant bf16-weights+in-backward`.
 Each runs in its own process (peak RSS is per process); the first step is not timed.
 --shape 360m / 1.7b runs the tunelab rows on SmolLM2's larger published shapes with random weights
 (written once to bench/.cache): how MFU grows with the model, where GEMMs outweigh the memory-bound
@@ -68,34 +70,59 @@ def model_counts(model_dir: Path) -> tuple[float, float, float]:
                  if isinstance(m, torch.nn.Linear) and m is not head)
     return sum(p.numel() for p in model.parameters()), n_lora, head.weight.numel()
 
-VARIANTS = {"compile": "+ compile", "eager": "(eager)", "all-tokens": "+ compile, loss on every token",
-            "adamw-8bit": "+ compile, 8-bit AdamW", "bf16-weights": "+ compile, bf16 weights",
-            "grad-checkpoint": "+ compile, gradient checkpointing",
-            "in-backward": "+ compile, optimizer in backward (no clipping)",
-            "bf16-in-backward": "+ compile, bf16 weights, optimizer in backward"}
+# Each tunelab row is a variant: options joined by "+" (`in-backward+grad-checkpoint`), compiled
+# unless it names eager. Each option: its label and what it sets in the run config.
+OPTIONS = {"compile": ("", {}), "eager": ("", {"train.compile": False}),
+           "all-tokens": ("loss on every token", {"data.train_on_prompt": True}),
+           "adamw-8bit": ("8-bit AdamW", {"train.optimizer": "adamw_8bit"}),
+           "bf16-weights": ("bf16 weights", {"train.weight_dtype": "bf16"}),
+           "grad-checkpoint": ("gradient checkpointing", {"train.gradient_checkpointing": True}),
+           "in-backward": ("optimizer in backward (no clipping)",
+                           {"train.optimizer_in_backward": True, "train.max_grad_norm": 0.0})}
 # options of full fine-tuning's optimizer and weights
-FULL_ONLY = ("adamw-8bit", "bf16-weights", "in-backward", "bf16-in-backward")
+FULL_ONLY = ("adamw-8bit", "bf16-weights", "in-backward")
+ROWS = ["compile", "eager", "all-tokens", "grad-checkpoint", "adamw-8bit", "bf16-weights", "in-backward",
+        "in-backward+grad-checkpoint"]
+
+
+def variant_options(variant: str) -> list[str]:
+    """The options of a variant name; argparse's type, so a bad name is a usage error."""
+    names = variant.split("+")
+    for name in names:
+        if name not in OPTIONS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(OPTIONS)} (join options with +)")
+    return names
+
+
+def variant_arg(variant: str) -> str:
+    variant_options(variant)
+    return variant
+
+
+def variant_label(variant: str) -> str:
+    names = variant_options(variant)
+    labels = [OPTIONS[n][0] for n in names if OPTIONS[n][0]]
+    return ", ".join(["(eager)" if "eager" in names else "+ compile", *labels])
 
 
 def variants(method: str) -> list[str]:
-    return [v for v in VARIANTS if method == "full" or v not in FULL_ONLY]
+    return [v for v in ROWS if method == "full" or not set(variant_options(v)) & set(FULL_ONLY)]
 
 
 def tunelab_config(model_dir: str, data: str, steps: int, method: str, variant: str) -> dict:
     """The run config of one tunelab row: the peers' model, data, LoRA, batch and learning rate."""
-    return {"name": "bench", "output_dir": tempfile.mkdtemp(), "method": method, "seed": 0,
-            "model": {"ref": model_dir},
-            "data": {"train": data, "format": "alpaca", "val_fraction": 0, "max_seq_len": 512,
-                     "train_on_prompt": variant == "all-tokens"},
-            "lora": {"rank": LORA_RANK, "alpha": 2 * LORA_RANK, "dropout": 0.0, "target_modules": "all-linear"},
-            "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
-                      "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
-                      "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0,
-                      "compile": variant != "eager", "gradient_checkpointing": variant == "grad-checkpoint",
-                      "optimizer": "adamw_8bit" if variant == "adamw-8bit" else "adamw",
-                      "weight_dtype": "bf16" if variant.startswith("bf16") else "fp32",
-                      "optimizer_in_backward": variant.endswith("in-backward"),
-                      "max_grad_norm": 0.0 if variant.endswith("in-backward") else 1.0}}
+    cfg = {"name": "bench", "output_dir": tempfile.mkdtemp(), "method": method, "seed": 0,
+           "model": {"ref": model_dir},
+           "data": {"train": data, "format": "alpaca", "val_fraction": 0, "max_seq_len": 512},
+           "lora": {"rank": LORA_RANK, "alpha": 2 * LORA_RANK, "dropout": 0.0, "target_modules": "all-linear"},
+           "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
+                     "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
+                     "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": True}}
+    for name in variant_options(variant):
+        for key, value in OPTIONS[name][1].items():
+            section, field = key.split(".")
+            cfg[section][field] = value
+    return cfg
 
 
 def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: str) -> None:
@@ -110,7 +137,7 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
     timed = m[1:]
     seconds = m[-1]["elapsed_s"] - m[0]["elapsed_s"]
     tokens = sum(r["tokens"] for r in timed)
-    print(json.dumps({"peer": f"tunelab {method} {VARIANTS[variant]}", "tokens": tokens, "seconds": seconds,
+    print(json.dumps({"peer": f"tunelab {method} {variant_label(variant)}", "tokens": tokens, "seconds": seconds,
                                      "tokens_per_s": tokens / seconds, "first_loss": m[0]["loss"],
                                      "last_loss": m[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
                                      "mean_seq": tokens / (8 * len(timed)),
@@ -168,8 +195,9 @@ def main() -> None:
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     p.add_argument("--shape", default="135m", choices=list(SHAPES),
                    help="SmolLM2's size; 360m and 1.7b have random weights (speed and memory only)")
-    p.add_argument("--variant", action="append", choices=list(VARIANTS),
-                   help="only these tunelab rows (repeatable; default: every row of --method)")
+    p.add_argument("--variant", action="append", type=variant_arg,
+                   help=f"only these tunelab rows (repeatable; default: every row of --method): options of "
+                        f"{', '.join(OPTIONS)}, joined by +")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "DATA", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -183,10 +211,10 @@ def main() -> None:
 
     peak = matmul_peak_tflops(torch.bfloat16) * 1000  # GFLOP/s
     results = []
-    for variant in [v for v in variants(a.method) if not a.variant or v in a.variant]:  # compiled first: the headline
+    for variant in a.variant or variants(a.method):  # compiled first: the headline
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
                             "--worker", str(model_dir), str(data), variant]))
-        results[-1].setdefault("peer", f"tunelab {a.method} {VARIANTS[variant]}")
+        results[-1].setdefault("peer", f"tunelab {a.method} {variant_label(variant)}")
     if not a.only:
         peer = str(Path(a.shared) / "bench/peer_hf_trainer.py") if a.method == "lora" else str(HERE / "peer_full_finetune.py")
         base = [sys.executable, peer, str(model_dir), str(data), "--steps", str(a.steps), "--batch", "8",
