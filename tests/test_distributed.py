@@ -72,3 +72,12 @@ def test_accelerate_launch_with_the_shipped_ddp_config(tiny_config, tmp_path):
                           capture_output=True, text=True, timeout=600)
     check_same_as_one_process(tmp_path, proc)
     assert "3 steps of 4 examples" in proc.stdout  # 2 processes x micro batch 2: the effective batch it printed
+
+
+def test_stepping_in_backward_under_ddp_is_refused(tiny_config, tmp_path):
+    """Each weight would be stepped with its own process's gradient, before DDP averages it."""
+    _, two = write_configs(tiny_config, tmp_path, method="full", optimizer_in_backward=True, max_grad_norm=0.0,
+                            learning_rate=1e-3)
+    proc = torchrun_two(two)
+    assert proc.returncode != 0
+    assert "train.optimizer_in_backward=true under ddp with 2 process(es)" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]

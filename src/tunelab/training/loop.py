@@ -182,9 +182,12 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     sharded_optimizer = distributed.shards_optimizer(accelerator)
     in_backward = cfg.train.optimizer_in_backward
     if in_backward:
-        if world > 1:  # DDP reduces a gradient after its hook would have stepped the weight with it
-            raise RunError(f"train.optimizer_in_backward=true with {world} processes: it steps each weight before "
-                           "the processes have averaged its gradient; run one process or turn it off")
+        # DDP reduces a gradient after its hook would have stepped the weight with it; FSDP and
+        # DeepSpeed step their own sharded optimizers
+        if world > 1 or distributed.strategy(accelerator) != "single":
+            raise RunError(f"train.optimizer_in_backward=true under {distributed.strategy(accelerator)} with "
+                           f"{world} process(es): it steps each weight before the processes have averaged its "
+                           "gradient; run one plain process or turn it off")
         step_in_backward(accelerator.unwrap_model(model), optimizer.optimizer)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0}
     if start_ckpt is not None:
