@@ -80,4 +80,5 @@ def test_stepping_in_backward_under_ddp_is_refused(tiny_config, tmp_path):
                             learning_rate=1e-3)
     proc = torchrun_two(two)
     assert proc.returncode != 0
-    assert "train.optimizer_in_backward=true under ddp with 2 process(es)" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "train.optimizer_in_backward=true under ddp with 2 process(es)" in output, output[-3000:]
