@@ -200,10 +200,23 @@ def test_time_estimate_counts_6n_for_full_and_4n_for_lora(tmp_path, monkeypatch)
                  - flops_per_token(arch, Setup(method="lora", **short)))
     assert recompute == pytest.approx(2 * arch.linear_params, rel=1e-6)
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    monkeypatch.setattr("tunelab.planning.timing.BUSY_SHARE", 0.0)  # however busy the CPU running the tests is
     rates = machine_rates(seconds=0.05)
     assert rates["bf16"] > 0 and rates["fp32"] > 0
     assert machine_rates(seconds=0.05) == rates  # cached
     assert (tmp_path / "matmul_rate.json").is_file()
+
+
+def test_a_rate_measured_on_a_busy_cpu_is_not_kept(monkeypatch, tmp_path):
+    """A training run on the same cores would halve the rate: the plan says so, and the next plan
+    measures again."""
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    monkeypatch.setattr("tunelab.planning.timing.BUSY_SHARE", 2.0)  # no measurement gets twice its cores
+    rates = machine_rates(seconds=0.05)
+    assert 0 < rates["busy_share"] < 2.0 and rates["bf16"] > 0
+    assert not (tmp_path / "matmul_rate.json").exists()
+    report = str(tunelab.plan(model="135m", method="lora", devices=[]))
+    assert "rate measured while other work held the CPU" in report and "cached in" not in report
 
 
 def test_cpu_share_of_the_peak_follows_the_model_width():

@@ -66,4 +66,7 @@ def this_machine(rates: dict | None = None) -> Device:
         usable = mem - 1.0  # the OS and its caches
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype("auto"), "fp32")
     tflops = (rates or {}).get(dtype if dtype != "fp16" else "bf16", 0.0)
-    return Device(name, kind, round(mem, 1), round(usable, 1), tflops, dtype, "rate measured here")
+    busy = (rates or {}).get("busy_share")
+    note = (f"rate measured while other work held the CPU ({busy:.0%} of its cores free for it), not cached: "
+            "plan again when it is idle" if busy is not None else "measured")  # the plan's rate source
+    return Device(name, kind, round(mem, 1), round(usable, 1), tflops, dtype, note)

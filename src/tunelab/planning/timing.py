@@ -119,8 +119,13 @@ def calibration_path() -> Path:
     return cache_dir() / "matmul_rate.json"
 
 
+BUSY_SHARE = 0.7  # a CPU measurement that got less of its cores than this is not cached
+
+
 def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: bool = True) -> dict:
-    """bf16 and fp32 matmul TFLOP/s of this CPU (or GPU), measured once and cached."""
+    """bf16 and fp32 matmul TFLOP/s of this CPU (or GPU), measured once and cached. Measured while
+    other work held the CPU, the rates are returned with `busy_share` (the share of its cores the
+    measurement got) and not cached."""
     import platform
 
     import torch
@@ -142,11 +147,17 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
             return cache[key]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    wall, cpu = time.perf_counter(), time.process_time()
     try:
         rates = {"bf16": matmul_tflops(torch.bfloat16, dev, seconds), "fp32": matmul_tflops(torch.float32, dev, seconds),
                  "device": dev, "name": name, "measured": time.strftime("%Y-%m-%d %H:%M")}
     finally:
         torch.set_num_threads(old)
+    # The share of its cores the measurement got: other work on the CPU (a training run) lowers
+    # the rate, and a rate measured so must not be kept as this machine's.
+    share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * threads)
+    if dev == "cpu" and share < BUSY_SHARE:
+        return {**rates, "busy_share": round(share, 2)}
     cache[key] = rates
     try:
         from tunelab.runs import atomic_write_json
