@@ -6,7 +6,8 @@ every example is longer than max_seq_len, so every micro batch is as large as th
 full, LoRA and (when this tunelab has it) QLoRA; two max_seq_len values. Target: within +-15%.
 
 usage: python bench/plan_accuracy.py [--steps 3] [--only smollm2|tiny] [--methods full,lora] [--seqs 256,1024]
-                                    [--optimizer adamw|adamw_8bit] [--weight-dtype fp32|bf16] [--json out.json]
+                                    [--optimizer adamw|adamw_8bit] [--weight-dtype fp32|bf16]
+                                    [--optimizer-in-backward] [--json out.json]
 """
 
 import argparse
@@ -63,7 +64,9 @@ def worker(spec: dict) -> None:
                      "learning_rate": 2e-4 if spec["method"] != "full" else 2e-5, "warmup_steps": 0,
                      "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": False,
                      "gradient_checkpointing": spec.get("gc", False), "optimizer": spec.get("optimizer", "adamw"),
-                     "weight_dtype": spec.get("weight_dtype", "fp32") if spec["method"] == "full" else "fp32"}}
+                     "weight_dtype": spec.get("weight_dtype", "fp32") if spec["method"] == "full" else "fp32",
+                     "optimizer_in_backward": spec.get("in_backward", False),
+                     "max_grad_norm": 0.0 if spec.get("in_backward") else 1.0}}
     t0 = time.time()
     tunelab.train(cfg, quiet=True, force=True)
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "after_import_mb": after_import,
@@ -96,6 +99,7 @@ def main() -> None:
     p.add_argument("--mbs", type=int, default=2)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
     p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16"], help="full fine-tuning's weights")
+    p.add_argument("--optimizer-in-backward", action="store_true", help="train.optimizer_in_backward (no clipping)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -124,10 +128,11 @@ def main() -> None:
     for name, ref, method, seq, mbs, extra in jobs:
         spec = {"model": ref, "method": method, "seq": seq, "mbs": mbs, "steps": a.steps,
                 "data": str(data), "out": str(work / "runs"), "optimizer": a.optimizer,
-                "weight_dtype": a.weight_dtype, **extra}
+                "weight_dtype": a.weight_dtype, "in_backward": a.optimizer_in_backward, **extra}
         pred = tunelab.plan(model=ref, method=method, max_seq_len=seq, micro_batch_size=mbs, grad_accum_steps=1,
                             gradient_checkpointing=extra.get("gc", False), devices=[], timing=False,
-                            overrides=[f"lora.dropout={extra.get('dropout', 0.0)}", f"train.optimizer={a.optimizer}"]
+                            overrides=[f"lora.dropout={extra.get('dropout', 0.0)}", f"train.optimizer={a.optimizer}",
+                                       f"train.optimizer_in_backward={a.optimizer_in_backward}", "train.max_grad_norm=0"]
                             + ([f"method={method}", f"train.weight_dtype={a.weight_dtype}"] if method == "full" else []))
         got = measure(spec)
         tag = ",".join(f"{k}={v}" for k, v in extra.items())
