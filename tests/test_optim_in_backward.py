@@ -38,8 +38,12 @@ def test_each_step_sees_one_gradient_and_matches_the_ordinary_step():
     def counting_step(*args, **kwargs):
         live.append(sum(p.grad is not None for p in stepped.parameters()))
         return original_step(*args, **kwargs)
-    opt_b.step = counting_step
     step_in_backward(stepped, opt_b)
+    # the moments exist before the first backward, and making them moved no weight
+    assert all(opt_b.state[p]["exp_avg"].shape == p.shape for p in stepped.parameters())
+    for a, b in zip(ordinary.parameters(), stepped.parameters()):
+        torch.testing.assert_close(a, b)
+    opt_b.step = counting_step
     for _ in range(3):
         forward_loss(ordinary, tokens).backward()
         opt_a.step()
@@ -51,15 +55,16 @@ def test_each_step_sees_one_gradient_and_matches_the_ordinary_step():
         torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("method, weight_dtype", [("full", "fp32"), ("full", "bf16"), ("lora", "fp32")])
-def test_a_run_stepped_in_backward_trains_as_the_ordinary_one(tiny_config, method, weight_dtype):
+@pytest.mark.parametrize("method, weight_dtype, optimizer", [
+    ("full", "fp32", "adamw"), ("full", "bf16", "adamw"), ("full", "fp32", "adamw_8bit"), ("lora", "fp32", "adamw")])
+def test_a_run_stepped_in_backward_trains_as_the_ordinary_one(tiny_config, method, weight_dtype, optimizer):
     """Without clipping or accumulation the two give the same losses and weights; the tiny model's
     embeddings are tied. bf16 weights: AdamWBf16's stochastic rounding draws the same noise."""
     runs = []
     for in_backward in (False, True):
-        cfg = full_config(tiny_config, f"ib-{method}-{weight_dtype}-{in_backward}", micro_batch_size=4,
+        cfg = full_config(tiny_config, f"ib-{method}-{weight_dtype}-{optimizer}-{in_backward}", micro_batch_size=4,
                           grad_accum_steps=1, max_grad_norm=0.0, optimizer_in_backward=in_backward,
-                          weight_dtype=weight_dtype)
+                          weight_dtype=weight_dtype, optimizer=optimizer)
         runs.append(tunelab.train({**cfg, "method": method}, quiet=True).run_dir)
     assert losses(runs[1]) == pytest.approx(losses(runs[0]), rel=1e-5)
     assert losses(runs[1])[-1] < losses(runs[1])[0]
