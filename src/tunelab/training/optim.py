@@ -63,18 +63,16 @@ def _make_state_now(optimizer: torch.optim.Optimizer) -> None:
     gradient at learning rate 0, which leaves the weight as it is, then the step count back at 0.
     Made inside the first backward instead, between the activations' frees, the moments
     fragmented the heap: SmolLM2-135M then peaked 220 MB higher from its second step on
-    (bench/RESULTS.md). The zero gradients are views of one buffer per dtype, so that they leave
-    no holes between the moments either."""
+    (bench/RESULTS.md)."""
     params = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state.get(p)]
-    zeros = {dtype: torch.zeros(max(p.numel() for p in params if p.dtype == dtype), dtype=dtype,
-                                device=params[0].device)
-             for dtype in {p.dtype for p in params}}
     lrs = [group["lr"] for group in optimizer.param_groups]
     try:
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         for p in params:
-            p.grad = zeros[p.dtype][:p.numel()].view_as(p)
+            # a tensor of its own: views of one zero buffer made AdamWBf16's compiled update
+            # recompile for every shape, up to dynamo's limit, and then run eager
+            p.grad = torch.zeros_like(p)
             optimizer.step()
             p.grad = None
             optimizer.state[p]["step"] = optimizer.state[p]["step"] * 0  # a tensor (torch, ours) or an int
