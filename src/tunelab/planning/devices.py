@@ -67,6 +67,6 @@ def this_machine(rates: dict | None = None) -> Device:
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype("auto"), "fp32")
     tflops = (rates or {}).get(dtype if dtype != "fp16" else "bf16", 0.0)
     busy = (rates or {}).get("busy_share")
-    note = (f"rate measured while other work held the CPU ({busy:.0%} of its cores free for it), not cached: "
-            "plan again when it is idle" if busy is not None else "measured")  # the plan's rate source
+    note = (f"rate measured while other work held the CPU (the measurement got {busy:.0%} of its cores), not "
+            "cached: plan again when it is idle" if busy is not None else "measured")  # the plan's rate source
     return Device(name, kind, round(mem, 1), round(usable, 1), tflops, dtype, note)
