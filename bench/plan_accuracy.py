@@ -132,7 +132,8 @@ def main() -> None:
         pred = tunelab.plan(model=ref, method=method, max_seq_len=seq, micro_batch_size=mbs, grad_accum_steps=1,
                             gradient_checkpointing=extra.get("gc", False), devices=[], timing=False,
                             overrides=[f"lora.dropout={extra.get('dropout', 0.0)}", f"train.optimizer={a.optimizer}",
-                                       f"train.optimizer_in_backward={a.optimizer_in_backward}", "train.max_grad_norm=0"]
+                                       *(["train.optimizer_in_backward=true", "train.max_grad_norm=0"]
+                                         if a.optimizer_in_backward else [])]
                             + ([f"method={method}", f"train.weight_dtype={a.weight_dtype}"] if method == "full" else []))
         got = measure(spec)
         tag = ",".join(f"{k}={v}" for k, v in extra.items())

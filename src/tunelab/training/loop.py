@@ -184,7 +184,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     if in_backward:
         # DDP reduces a gradient after its hook would have stepped the weight with it; FSDP and
         # DeepSpeed step their own sharded optimizers
-        if world > 1 or distributed.strategy(accelerator) != "single":
+        if distributed.strategy(accelerator) != "single":  # ddp whenever world > 1
             raise RunError(f"train.optimizer_in_backward=true under {distributed.strategy(accelerator)} with "
                            f"{world} process(es): it steps each weight before the processes have averaged its "
                            "gradient; run one plain process or turn it off")
