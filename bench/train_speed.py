@@ -117,7 +117,10 @@ def tunelab_config(model_dir: str, data: str, steps: int, method: str, variant: 
            "lora": {"rank": LORA_RANK, "alpha": 2 * LORA_RANK, "dropout": 0.0, "target_modules": "all-linear"},
            "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum_steps": 1,
                      "learning_rate": 2e-4 if method == "lora" else 2e-5, "warmup_steps": 0,
-                     "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": True}}
+                     "lr_scheduler": "constant", "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": True,
+                     # off unless the row asks: auto would turn it on where the plan's worst case does
+                     # not fit (the 1.7b shape), and the row would not be what its label says
+                     "gradient_checkpointing": False}}
     for name in variant_options(variant):
         for key, value in OPTIONS[name][1].items():
             section, field = key.split(".")
