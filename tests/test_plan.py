@@ -236,9 +236,10 @@ def test_cpu_share_of_the_peak_follows_the_model_width():
                for w in (576, 1000, 4096) for k in CPU_EFFICIENCY["amx"])
     for unit in CPU_EFFICIENCY:
         shares = [cpu_efficiency(w, True, "lora", unit) for w in (256, 576, 700, 960, 1400, 2048, 8192)]
-        assert shares == sorted(shares) and len(set(shares)) == 5  # the two ends clamp
-        assert shares[0] == shares[1] and shares[-1] == shares[-2]
-    assert cpu_efficiency(700, True, "lora", "amx") < cpu_efficiency(960, True, "lora", "amx") - 0.01  # not snapped
+        assert shares == sorted(shares)  # never smaller for a wider model
+        assert shares[0] == shares[1] and shares[-1] == shares[-2]  # the two ends clamp
+    shares = [cpu_efficiency(w, True, "lora", "amx") for w in (256, 576, 700, 960, 1400, 2048, 8192)]
+    assert len(set(shares)) == 5 and shares[1] < shares[2] < shares[3] - 0.01  # interpolated, not snapped
 
     arch = resolve_arch("7b")
     for unit in CPU_EFFICIENCY:
@@ -250,30 +251,41 @@ def test_cpu_share_of_the_peak_follows_the_model_width():
 
 
 def test_cpu_share_follows_this_cpus_bf16_unit(monkeypatch):
-    """AMX's peak is 4-5x AVX512-BF16's against the same memory-bound work, so a step reaches a far
-    smaller share of it: this machine's plan takes its own unit's shares, a named laptop avx512's."""
+    """AMX's peak is 4-5x half-width AVX512-BF16's against the same memory-bound work, so a step
+    reaches a far smaller share of it: this machine's plan takes its own unit's shares, a named
+    laptop avx512's. Full-width AVX-512 (Zen 5) has the same flags as half-width (Zen 4): the
+    measured rate per core tells them apart."""
     from tunelab.planning.arch import resolve_arch
     from tunelab.planning.timing import cpu_efficiency, cpu_matmul_unit
 
-    for flags, unit in [({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "amx"),
-                        ({"avx512f", "avx512_bf16"}, "avx512"), ({"avx2", "fma"}, "avx512")]:
+    for flags, rate, unit in [({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, None, "amx"),
+                              ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, 0.4, "amx"),
+                              ({"avx512f", "avx512_bf16"}, None, "avx512"),
+                              ({"avx512f", "avx512_bf16"}, 0.43, "avx512"),   # Zen 4, 2 cores
+                              ({"avx512f", "avx512_bf16"}, 0.96, "avx512_wide"),  # Zen 5, 2 cores
+                              ({"avx2", "fma"}, 0.05, "avx512")]:
         monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda flags=flags: frozenset(flags))
-        assert cpu_matmul_unit() == unit
-        assert cpu_efficiency(576, True) == cpu_efficiency(576, True, "lora", unit)
+        assert cpu_matmul_unit(rate, 2) == unit
+        assert this_machine({"bf16": rate or 0.0, "fp32": 0.1, "threads": 2}).cpu_unit == unit
+    assert cpu_matmul_unit(0.96, 4) == "avx512"  # 240 GFLOP/s a core
+    monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert cpu_efficiency(576, True) == cpu_efficiency(576, True, "lora", "avx512")  # no rate given
     assert cpu_efficiency(576, True, "lora", "avx512") > 2 * cpu_efficiency(576, True, "lora", "amx")
 
-    monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda: frozenset({"amx_bf16"}))
     arch = resolve_arch("7b")
-    here = judge(arch, Setup(), this_machine({"bf16": 1.0, "fp32": 1.0}), steps=10)
     laptop = judge(arch, Setup(), get_device("laptop-32gb"), steps=10)
-    assert here.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", "amx")
     assert laptop.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", "avx512")
+    for flags, rate, unit in [({"amx_bf16"}, 1.0, "amx"), ({"avx512_bf16"}, 0.96, "avx512_wide")]:
+        monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda flags=flags: frozenset(flags))
+        here = judge(arch, Setup(), this_machine({"bf16": rate, "fp32": 0.1, "threads": 2}), steps=10)
+        assert here.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", unit)
+        assert here.timing.efficiency != laptop.timing.efficiency
 
 
 def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, monkeypatch):
     """auto compiles runs of AUTO_COMPILE_TOKENS or more (a compiled step reaches a larger share of the
     peak), never a quantized base; the report says which it assumed."""
-    from tunelab.planning.timing import cpu_efficiency
+    from tunelab.planning.timing import CPU_UNITS, cpu_efficiency
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     monkeypatch.setattr("tunelab.planning.machine_rates", lambda: {"bf16": 1.0, "fp32": 0.2, "device": "cpu",
@@ -286,9 +298,10 @@ def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, m
 
     short, long = plan(2), plan(1000)  # 8 x 512 tokens a step: 8k against 4M tokens
     assert (short.compiled, long.compiled) == (False, True)
+    unit = long.here.device.cpu_unit  # by this CPU's flags and the rate above
     assert long.here.timing.tokens_per_s / short.here.timing.tokens_per_s == pytest.approx(
-        cpu_efficiency(4096, True) / cpu_efficiency(4096, False))
-    assert "uncompiled" in str(short) and "reach compiled" in str(long)
+        cpu_efficiency(4096, True, "lora", unit) / cpu_efficiency(4096, False, "lora", unit))
+    assert "uncompiled" in str(short) and f"reach compiled on {CPU_UNITS[unit]}" in str(long)
     assert not plan(1000, compile=False).compiled and plan(2, compile=True).compiled
     assert not plan(1000, method="qlora").compiled
 

@@ -164,7 +164,7 @@ def judge(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", steps: int | N
     if timing and dev.tflops > 0:
         here = dev.name.startswith("here")
         v.timing = estimate(arch, s, dev.tflops, dev.kind, steps, dev.note if here else "datasheet",
-                            compiled=compiled, cpu_unit=None if here else "avx512")  # named CPUs: laptops, no AMX
+                            compiled=compiled, cpu_unit=dev.cpu_unit)
     if v.status != "fits":
         v.advice = advise(arch, s, dev)
     return v

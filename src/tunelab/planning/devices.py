@@ -13,6 +13,7 @@ class Device:
     tflops: float        # dense matmul rate in auto_dtype, datasheet (laptops: a typical CPU)
     auto_dtype: str      # what dtype "auto" resolves to there
     note: str = ""
+    cpu_unit: str = "avx512"  # a CPU's bf16 matmul unit, whose shares of the peak time its steps (timing.py)
 
 
 DEVICES: dict[str, Device] = {d.name: d for d in [
@@ -54,6 +55,7 @@ def this_machine(rates: dict | None = None) -> Device:
     import torch
 
     from tunelab.hardware import resolve_dtype, total_ram_gb
+    from tunelab.planning.timing import cpu_matmul_unit
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -69,4 +71,5 @@ def this_machine(rates: dict | None = None) -> Device:
     busy = (rates or {}).get("busy_share")
     note = (f"rate measured while other work held the CPU (the measurement got {busy:.0%} of its cores), not "
             "cached: plan again when it is idle" if busy is not None else "measured")  # the plan's rate source
-    return Device(name, kind, round(mem, 1), round(usable, 1), tflops, dtype, note)
+    unit = cpu_matmul_unit((rates or {}).get("bf16"), (rates or {}).get("threads"))
+    return Device(name, kind, round(mem, 1), round(usable, 1), tflops, dtype, note, unit)

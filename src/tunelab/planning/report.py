@@ -1,5 +1,7 @@
 """The printed plan: setup, memory breakdown, a verdict per device with time, and advice."""
 
+from tunelab.planning.timing import CPU_UNITS
+
 
 def _gb(x: float) -> str:
     return f"{x / 1e9:6.2f} GB"
@@ -57,6 +59,7 @@ def format_plan(r) -> str:
                      + ("; cached in ~/.cache/tunelab/matmul_rate.json, delete it to measure again" if t.rate_source == "measured" else "")
                      + f") x {t.efficiency:.0%}, the share of it this loop's steps reach "
                      + ("compiled" if r.compiled else "uncompiled")
+                     + (f" on {CPU_UNITS[here.device.cpu_unit]}" if here.device.kind == "cpu" else "")
                      + ("" if r.steps else "; give steps (train.max_steps) for a total"))
     verdict = {"fits": "fits", "tight": "fits, but with little room (under 10% free)",
                "does not fit": "does NOT fit"}[here.status]

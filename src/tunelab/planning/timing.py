@@ -31,8 +31,13 @@ from tunelab.planning.memory import Setup
 #   compiling buys less (at 1.7b nothing: the eager step measured 2 points higher). bf16 weights'
 #   uncompiled share was not measured: fp32's is taken. CPUs with neither unit (AVX2 laptops, which
 #   train in fp32) take these shares too: their vector FMA units are likewise slow against memory.
-#   AMD Zen 5 (full-width AVX-512, peak ~965 GFLOP/s, 2026-12-06) reports the same flags and reached
-#   0.42 / 0.59 for LoRA at 576: the plan's time errs ~8% short compiled, ~30% short eager there.
+# - avx512_wide (AMD EPYC Zen 5, 2026-12-06, peak 830-985 GFLOP/s; "The Zen 5 shares"): the same
+#   flags as Zen 4, but 512-bit instructions run at full width, so the peak is 2.2x Zen 4's and the
+#   shares sit between the two tables. cpu_matmul_unit tells it from Zen 4 by the measured rate per
+#   core. The shares are each run's MFU against its own peak, the mean of two sessions where both
+#   measured the row (135m lora compiled: 0.49-0.60 over four runs, the spread of a shared
+#   machine). Uncompiled, bf16 weights are the slowest at 576 (0.37 against fp32's 0.43) and the
+#   fastest at 2048 (0.71, 3 points above compiled, with 6 GB more memory).
 # Between measured widths the share is interpolated on log(hidden); beyond them it stays at the
 # nearest one.
 CPU_EFFICIENCY = {
@@ -42,7 +47,12 @@ CPU_EFFICIENCY = {
     "avx512": {"lora": {576: (0.55, 0.64), 960: (0.64, 0.69), 2048: (0.72, 0.70)},
                "full": {576: (0.50, 0.60), 960: (0.61, 0.61)},
                "full_bf16": {576: (0.50, 0.63), 960: (0.61, 0.71), 2048: (0.61, 0.69)}},
+    "avx512_wide": {"lora": {576: (0.40, 0.55), 960: (0.53, 0.63), 2048: (0.62, 0.63)},
+                    "full": {576: (0.42, 0.52), 960: (0.53, 0.55)},
+                    "full_bf16": {576: (0.37, 0.61), 960: (0.54, 0.65), 2048: (0.71, 0.68)}},
 }
+CPU_UNITS = {"amx": "AMX tiles", "avx512_wide": "full-width AVX-512",
+             "avx512": "AVX-512 at half width or narrower"}  # what the report calls each unit
 GPU_EFFICIENCY = 0.35  # a usual figure for fine-tuning loops on tensor cores
 QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forward and backward
 
@@ -77,11 +87,23 @@ class Timing:
     efficiency: float  # the share of the peak the step reaches (model FLOPs / peak)
 
 
-def cpu_matmul_unit() -> str:
-    """This CPU's bf16 matmul unit as CPU_EFFICIENCY names it: amx, else avx512."""
-    from tunelab.hardware import cpu_flags
+# bf16 matmul GFLOP/s per core that tells full-width AVX-512 units (Zen 5 servers and desktops:
+# 425-490 measured) from 512-bit instructions run on 256-bit halves (Zen 4, Zen 5 laptops: 200-220).
+# The flags are the same on both; the measured rate is what differs.
+WIDE_AVX512_GFLOPS_PER_CORE = 300
 
-    return "amx" if "amx_bf16" in cpu_flags() else "avx512"
+
+def cpu_matmul_unit(bf16_tflops: float | None = None, threads: int | None = None) -> str:
+    """This CPU's bf16 matmul unit as CPU_EFFICIENCY names it: amx by its flag; else avx512_wide when
+    the measured bf16 rate (TFLOP/s on `threads` cores) is at least WIDE_AVX512_GFLOPS_PER_CORE a
+    core, else avx512 (also what a CPU without a measured rate takes)."""
+    from tunelab.hardware import cpu_flags, physical_cores
+
+    if "amx_bf16" in cpu_flags():
+        return "amx"
+    if bf16_tflops and bf16_tflops * 1e3 / (threads or physical_cores()) >= WIDE_AVX512_GFLOPS_PER_CORE:
+        return "avx512_wide"
+    return "avx512"
 
 
 def cpu_efficiency(hidden_size: int, compiled: bool, kind: str = "lora", unit: str | None = None) -> float:
@@ -150,7 +172,7 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
     wall, cpu = time.perf_counter(), time.process_time()
     try:
         rates = {"bf16": matmul_tflops(torch.bfloat16, dev, seconds), "fp32": matmul_tflops(torch.float32, dev, seconds),
-                 "device": dev, "name": name, "measured": time.strftime("%Y-%m-%d %H:%M")}
+                 "device": dev, "name": name, "threads": threads, "measured": time.strftime("%Y-%m-%d %H:%M")}
     finally:
         torch.set_num_threads(old)
     # The share of its cores the measurement got: other work on the CPU (a training run) lowers
