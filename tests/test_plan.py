@@ -207,6 +207,24 @@ def test_time_estimate_counts_6n_for_full_and_4n_for_lora(tmp_path, monkeypatch)
     assert (tmp_path / "matmul_rate.json").is_file()
 
 
+def test_checkpointing_time_counts_the_recompute_as_measured_by_method():
+    """The FLOPs count the recomputed forward whole; its time is what its FLOPs say for LoRA and half
+    that for full fine-tuning, whose step the weight gradients and the optimizer hold below the
+    forward's rate (measured 1.10-1.27x slower checkpointed, not the 1.25-1.31x the FLOPs say)."""
+    from tunelab.planning.timing import RECOMPUTE_TIME_WEIGHT, estimate
+
+    arch = from_table("7b")
+    slowdown = {}
+    for method in ("lora", "full"):
+        plain, ckpt = (estimate(arch, Setup(method=method, gradient_checkpointing=on), 1.0, "cpu", None, "test",
+                                cpu_unit="avx512") for on in (False, True))
+        assert ckpt.flops_per_token - plain.flops_per_token == pytest.approx(2 * arch.linear_params)
+        slowdown[method] = plain.tokens_per_s / ckpt.tokens_per_s
+        timed = plain.flops_per_token + RECOMPUTE_TIME_WEIGHT[method] * 2 * arch.linear_params
+        assert slowdown[method] == pytest.approx(timed / plain.flops_per_token)
+    assert slowdown["lora"] > 1.4 and 1.1 < slowdown["full"] < 1.2
+
+
 def test_a_rate_measured_on_a_busy_cpu_is_not_kept(monkeypatch, tmp_path):
     """A training run on the same cores would halve the rate: the plan says so, and the next plan
     measures again."""

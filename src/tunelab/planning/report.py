@@ -1,6 +1,6 @@
 """The printed plan: setup, memory breakdown, a verdict per device with time, and advice."""
 
-from tunelab.planning.timing import CPU_UNITS
+from tunelab.planning.timing import CPU_UNITS, RECOMPUTE_TIME_WEIGHT
 
 
 def _gb(x: float) -> str:
@@ -60,6 +60,9 @@ def format_plan(r) -> str:
                      + f") x {t.efficiency:.0%}, the share of it this loop's steps reach "
                      + ("compiled" if r.compiled else "uncompiled")
                      + (f" on {CPU_UNITS[here.device.cpu_unit]}" if here.device.kind == "cpu" else "")
+                     + (f"; the checkpointed forward's recompute at {RECOMPUTE_TIME_WEIGHT[r.setup.method]:.0%} of "
+                        "its FLOPs' time, as measured" if r.setup.gradient_checkpointing
+                        and RECOMPUTE_TIME_WEIGHT[r.setup.method] != 1 else "")
                      + ("" if r.steps else "; give steps (train.max_steps) for a total"))
     verdict = {"fits": "fits", "tight": "fits, but with little room (under 10% free)",
                "does not fit": "does NOT fit"}[here.status]

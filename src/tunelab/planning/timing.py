@@ -55,6 +55,14 @@ CPU_UNITS = {"amx": "AMX tiles", "avx512_wide": "full-width AVX-512",
              "avx512": "AVX-512 at half width or narrower"}  # what the report calls each unit
 GPU_EFFICIENCY = 0.35  # a usual figure for fine-tuning loops on tensor cores
 QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forward and backward
+# The time of gradient checkpointing's recomputed forward, as a share of its FLOPs at the step's
+# share of the peak. A LoRA step is mostly forward-like GEMMs, and the recompute costs what its FLOPs
+# say (measured 1.31-1.41x the step's time at 135m and 1.7b, predicted 1.34-1.45). A full step's
+# share is held down by the weight-gradient GEMMs and the optimizer's passes, which the recompute
+# has none of: it measured 1.10-1.27x (mean 1.15) at 135m, 360m and 1.7b, predicted 1.25-1.31 at
+# full weight and 1.12-1.16 at half. bench/RESULTS.md, "Gradient checkpointing, measured" and "The
+# Zen 5 shares".
+RECOMPUTE_TIME_WEIGHT = {"full": 0.5, "lora": 1.0, "qlora": 1.0}
 
 
 def flops_per_token(arch: Arch, s: Setup) -> float:
@@ -70,10 +78,14 @@ def flops_per_token(arch: Arch, s: Setup) -> float:
         base = 6.0 * n
     else:
         base = 4.0 * n + 6.0 * arch.lora_params(s.lora_rank, s.lora_targets)
-    if s.gradient_checkpointing:  # the layers run their forward again; the head never (see above)
-        base += 2.0 * arch.linear_params
     attention = 6.0 * arch.num_layers * arch.q_dim * s.max_seq_len
-    return base + attention
+    return base + recompute_flops(arch, s) + attention
+
+
+def recompute_flops(arch: Arch, s: Setup) -> float:
+    """Gradient checkpointing's FLOPs per token: the layers run their forward again; the head never
+    (see flops_per_token)."""
+    return 2.0 * arch.linear_params if s.gradient_checkpointing else 0.0
 
 
 @dataclass
@@ -129,7 +141,7 @@ def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | N
     if s.method == "qlora" and kind == "cpu":
         rate /= QLORA_CPU_SLOWDOWN
     fpt = flops_per_token(arch, s)
-    tps = rate / fpt
+    tps = rate / (fpt - (1.0 - RECOMPUTE_TIME_WEIGHT[s.method]) * recompute_flops(arch, s))
     step_tokens = s.tokens * s.grad_accum_steps
     step_s = step_tokens / tps
     return Timing(fpt, tps, step_s, step_s * steps if steps else None, peak_tflops, rate_source, eff)
