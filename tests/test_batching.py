@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tunelab.data.batching import bucket_length, collate_packed, collate_padded, epoch_order
+from tunelab.data.batching import (bucket_length, collate, collate_packed, collate_padded, epoch_order,
+                                   largest_batch_tokens)
 from tunelab.data.encode import IGNORE, Encoded
 from tunelab.training.loss import token_loss_sum
 
@@ -35,6 +36,27 @@ def _long_items():  # 20 + 10 + 3 = 33 tokens: a bucket of 34, one filler token
     return [Encoded(list(range(5, 25)), [IGNORE] * 10 + list(range(15, 25)), "a"),
             Encoded(list(range(30, 40)), [IGNORE] * 4 + list(range(34, 40)), "b"),
             Encoded([41, 42, 43], [IGNORE, 42, 43], "c")]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_largest_batch_tokens_is_the_largest_batch_training_collates(packing, group_by_length):
+    """The memory check's batch for the data it knows: the largest micro batch, as `collate` makes it,
+    over the epochs that run (their orders differ), never the worst case of rows x max_seq_len."""
+    import random
+
+    rng = random.Random(3)
+    lengths = [rng.randint(3, 300) for _ in range(101)]
+    items = [Encoded(list(range(n)), [IGNORE] + list(range(1, n)), str(i)) for i, n in enumerate(lengths)]
+
+    def collated(epochs):
+        return max(collate([items[i] for i in batch], packing, 0)["input_ids"].numel()
+                   for e in range(epochs) for batch in epoch_order(lengths, 8, 0, e, group_by_length))
+
+    one, three = (largest_batch_tokens(lengths, 8, 0, n, group_by_length, packing) for n in (1, 3))
+    assert one == collated(1) and three == collated(3) and one <= three
+    if packing and not group_by_length:  # shuffled rows: no batch holds the 8 longest, let alone 8 x max
+        assert three < sum(sorted(lengths)[-8:])
 
 
 def test_bucketed_packing_adds_a_filler_example():

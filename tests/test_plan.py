@@ -356,16 +356,20 @@ def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config,
     assert calls and result.steps == 1
 
 
-def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(tiny_config, monkeypatch):
+def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(tiny_config, monkeypatch, tmp_path):
     import yaml
     from transformers import PreTrainedModel
 
     import tunelab.planning as planning
     from tunelab.planning.devices import Device
 
-    cfg = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 64, "grad_accum_steps": 1,
+    # answers longer than max_seq_len: every micro batch is the plan's worst case, 8 rows of 1024 tokens
+    long_rows = tmp_path / "long.jsonl"
+    long_rows.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "output": "one two three " * 400}) + "\n"
+                                 for i in range(12)))
+    cfg = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 8, "grad_accum_steps": 1,
                                    "max_steps": 1, "compile": False})
-    cfg["data"] = {**tiny_config["data"], "max_seq_len": 1024}  # the plan's worst case: 64 rows of 1024 tokens
+    cfg["data"] = {**tiny_config["data"], "train": str(long_rows), "max_seq_len": 1024}
     off = tunelab.plan(cfg, devices=[], timing=False, gradient_checkpointing=False).here.peak_bytes
     on = tunelab.plan(cfg, devices=[], timing=False, gradient_checkpointing=True).here.peak_bytes
     assert on < off
@@ -378,8 +382,8 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
         box = Device("small box", "cpu", usable_bytes / 1e9 + 1, usable_bytes / 1e9, 0.0, "fp32")
         monkeypatch.setattr(planning, "this_machine", lambda rates=None: box)
 
-    def trained_with(train_overrides):
-        run = tunelab.train(dict(cfg, train={**cfg["train"], **train_overrides}), quiet=True)
+    def trained_with(train_overrides, config=cfg):
+        run = tunelab.train(dict(config, train={**config["train"], **train_overrides}), quiet=True)
         saved = yaml.safe_load((run.run_dir / "config.yaml").read_text())["train"]["gradient_checkpointing"]
         return saved, enabled.pop() if enabled else False
 
@@ -390,6 +394,9 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
     assert trained_with({}) == (True, True)  # auto: on, and recorded so that a resume does the same
     with pytest.raises(RunError, match="--force"):
         trained_with({"gradient_checkpointing": False})  # the user's own false stays false
+    short = dict(cfg, data={**cfg["data"], "train": tiny_config["data"]["train"]})  # rows of ~30 tokens
+    assert tunelab.plan(short, devices=[], timing=False).auto_checkpointing  # the plan cannot know the rows
+    assert trained_with({}, short) == (False, False)  # the loop, having encoded them, turns it off again
     machine_with(10 * off)  # fits anyway: auto stays off
     assert not tunelab.plan(cfg, devices=[], timing=False).auto_checkpointing
     assert trained_with({}) == (False, False)

@@ -36,6 +36,18 @@ def epoch_order(lengths: list[int], micro_batch_size: int, seed: int, epoch: int
     return [idx[i:i + micro_batch_size] for i in range(0, len(idx), micro_batch_size)]
 
 
+def largest_batch_tokens(lengths: list[int], micro_batch_size: int, seed: int, epochs: int,
+                         group_by_length: bool = False, packing: bool = True) -> int:
+    """The most tokens a micro batch of the first `epochs` epochs holds, as `collate` makes it
+    (bucketed; padded: rows x the longest): what a training step holds at most."""
+    def tokens(batch: list[int]) -> int:
+        sizes = [lengths[i] for i in batch]
+        return bucket_length(sum(sizes)) if packing else len(sizes) * bucket_length(max(sizes))
+
+    return max(tokens(batch) for epoch in range(epochs)
+               for batch in epoch_order(lengths, micro_batch_size, seed, epoch, group_by_length))
+
+
 def bucket_length(n: int) -> int:
     """`n` rounded up to a multiple of 2^(bits of n - 5): 16 lengths per doubling (1024, 1088, ...,
     1984, 2048, 2176, ...), never more than n/16 added; n <= 31 stays as it is."""

@@ -83,7 +83,8 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
          grad_accum_steps: int | None = None, gradient_checkpointing: bool | None = None,
          lora_rank: int | None = None, dtype: str | None = None, optimizer: str | None = None,
          device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
-         steps: int | None = None, overrides=None, timing: bool = True, processes: int = 1) -> PlanResult:
+         steps: int | None = None, overrides=None, timing: bool = True, processes: int = 1,
+         batch_tokens: int | None = None) -> PlanResult:
     """Predict peak memory and time of a training run, here and on named devices.
 
     Args:
@@ -98,6 +99,9 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
         steps: optimizer steps, for the total time (default: the config's max_steps).
         timing: False skips the time estimate (and this machine's matmul calibration).
         processes: training processes on the first device, each with its own copy (torchrun).
+        batch_tokens: the data's largest micro batch in tokens, where known (the training loop
+            knows it once the data is encoded); default: the worst case, micro_batch_size rows of
+            max_seq_len tokens.
 
     With train.gradient_checkpointing auto (None) and no `gradient_checkpointing` given, the plan
     resolves it as `tunelab train` does: on only if the run does not fit on the first device
@@ -122,7 +126,8 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
                                           else gradient_checkpointing),  # auto: first without (below)
               lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
               lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer,
-              weight_dtype=cfg.train.weight_dtype, optimizer_in_backward=cfg.train.optimizer_in_backward)
+              weight_dtype=cfg.train.weight_dtype, optimizer_in_backward=cfg.train.optimizer_in_backward,
+              batch_tokens=batch_tokens)
     _check(s, s.optimizer)
     arch = resolve_arch(model or cfg.model.ref)
     wanted_dtype = dtype or cfg.model.dtype
@@ -321,6 +326,16 @@ def _config(config_or_path, model, overrides):
         if problems:
             raise ConfigError(problems)
     return cfg
+
+
+def checkpointing_needed(cfg, batch_tokens: int, processes: int = 1) -> bool:
+    """Whether the run does not fit here without gradient checkpointing when its largest micro batch
+    holds `batch_tokens` tokens. `tunelab train` asks once its data is encoded, where `check_fits`
+    turned checkpointing on for the worst case: real batches are often far shorter (SmolLM2-1.7B's
+    LoRA on the alpaca demo here: 8 GB without it, 22% faster than with it)."""
+    result = plan(cfg, devices=[], timing=False, processes=processes, gradient_checkpointing=False,
+                  batch_tokens=batch_tokens)
+    return _status(result.here.peak_bytes * processes, result.here.device) == "does not fit"
 
 
 def check_fits(cfg, force: bool = False) -> "PlanResult | None":

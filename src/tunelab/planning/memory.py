@@ -61,6 +61,7 @@ class Setup:
     optimizer_in_backward: bool = False  # train.optimizer_in_backward: each gradient freed at its weight's step
     double_quant: bool = True
     answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
+    batch_tokens: int | None = None      # the data's largest micro batch, once the loop knows its data
 
     @property
     def bf16_weights(self) -> bool:
@@ -69,8 +70,9 @@ class Setup:
 
     @property
     def tokens(self) -> int:
-        """Tokens in one packed micro batch, at most."""
-        return self.micro_batch_size * self.max_seq_len
+        """Tokens in one packed micro batch, at most: the data's largest when known, else the worst
+        case of micro_batch_size rows of max_seq_len tokens."""
+        return self.batch_tokens or self.micro_batch_size * self.max_seq_len
 
 
 @dataclass

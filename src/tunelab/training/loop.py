@@ -11,6 +11,7 @@ all processes). So gradient accumulation gives the same update as one large batc
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RunConfig, config_to_dict, load_config, save_config
-from tunelab.data.batching import collate, epoch_order
+from tunelab.data.batching import collate, epoch_order, largest_batch_tokens
 from tunelab.data.cache import cache_messages
 from tunelab.data.prepare import prepare_data, report_warnings
 from tunelab.errors import RunError
@@ -65,9 +66,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     from accelerate import Accelerator
 
     cfg = load_config(config, overrides)
-    from tunelab.planning import check_fits
+    from tunelab.planning import check_fits, checkpointing_needed
 
-    check_fits(cfg, force)  # a run predicted not to fit stops here, before any weight loads
+    fit = check_fits(cfg, force)  # a run predicted not to fit stops here, before any weight loads
     name = cfg.name or (Path(config).stem if isinstance(config, (str, Path)) else "run")
     if cfg.stage == "ppo":  # TRL has no PPO trainer any more: ours
         from tunelab.training.stages.ppo import train_ppo
@@ -131,6 +132,27 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
             info(line)
         for w in report_warnings(data.report):
             info(f"[yellow]warning:[/] {w}")
+    # --- schedule --------------------------------------------------------------------------
+    world = accelerator.num_processes
+    micro_per_step = cfg.train.grad_accum_steps * world
+    batches_per_epoch = math.ceil(len(data.train) / cfg.train.micro_batch_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / micro_per_step))
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    effective = cfg.train.micro_batch_size * micro_per_step
+    info(f"data: {len(data.train)} train / {len(data.val)} validation sequences ({data.report['format']} format); "
+         f"{total_steps} steps of {effective} examples ({total_steps / steps_per_epoch:.2f} epochs); run {run_dir}")
+
+    if fit is not None and fit.auto_checkpointing:
+        # on for the plan's worst case (every row max_seq_len long); the batches that will run may fit without
+        epochs = math.ceil(total_steps * micro_per_step / batches_per_epoch)
+        largest = largest_batch_tokens([len(e.input_ids) for e in data.train], cfg.train.micro_batch_size, cfg.seed,
+                                       epochs, cfg.train.group_by_length, cfg.train.packing)
+        if not checkpointing_needed(cfg, largest, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+            cfg.train.gradient_checkpointing = False
+            info(f"gradient checkpointing off again (auto): this data's largest micro batch holds {largest} tokens, "
+                 f"not the worst case's {cfg.train.micro_batch_size * cfg.data.max_seq_len}, and fits without it")
+            if is_main:
+                save_config(cfg, run_dir / "config.yaml")
     model.train()
     model.config.use_cache = False
     if cfg.train.packing:
@@ -151,16 +173,6 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
          + (" (bf16 weights)" if bf16_weights else "") + f", compute {dtype_name(compute_dtype)}, "
          f"device {accelerator.device.type}"
          + (f", {threads} threads" if threads else ""))
-
-    # --- schedule --------------------------------------------------------------------------
-    world = accelerator.num_processes
-    micro_per_step = cfg.train.grad_accum_steps * world
-    batches_per_epoch = math.ceil(len(data.train) / cfg.train.micro_batch_size)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / micro_per_step))
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    effective = cfg.train.micro_batch_size * micro_per_step
-    info(f"data: {len(data.train)} train / {len(data.val)} validation sequences ({data.report['format']} format); "
-         f"{total_steps} steps of {effective} examples ({total_steps / steps_per_epoch:.2f} epochs); run {run_dir}")
 
     train_tokens = total_steps * effective * sum(len(e.input_ids) for e in data.train) / len(data.train)
     # auto leaves a bitsandbytes base eager: its custom 4/8-bit kernels break compiled graphs
