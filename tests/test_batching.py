@@ -42,7 +42,7 @@ def _long_items():  # 20 + 10 + 3 = 33 tokens: a bucket of 34, one filler token
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_largest_batch_tokens_is_the_largest_batch_training_collates(packing, group_by_length):
     """The memory check's batch for the data it knows: the largest micro batch, as `collate` makes it,
-    over the epochs that run (their orders differ), never the worst case of rows x max_seq_len."""
+    over the epochs that run (their orders differ), not the worst case of rows x max_seq_len."""
     import random
 
     rng = random.Random(3)
