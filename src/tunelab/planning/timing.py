@@ -35,7 +35,7 @@ from tunelab.planning.memory import Setup
 #   flags as Zen 4, but 512-bit instructions run at full width, so the peak is 2.2x Zen 4's and the
 #   shares sit between the two tables. cpu_matmul_unit tells it from Zen 4 by the measured rate per
 #   core. The shares are each run's MFU against its own peak, the mean of two sessions where both
-#   measured the row (135m lora compiled: 0.49-0.60 over four runs, the spread of a shared
+#   measured the row (135m lora compiled: 0.48-0.60 over three runs, the spread of a shared
 #   machine). Uncompiled, bf16 weights are the slowest at 576 (0.37 against fp32's 0.43) and the
 #   fastest at 2048 (0.71, 3 points above compiled, with 6 GB more memory).
 # Between measured widths the share is interpolated on log(hidden); beyond them it stays at the
