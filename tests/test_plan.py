@@ -390,7 +390,7 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
     machine_with((on + off) / 2)  # fits with it, not without
     planned = tunelab.plan(cfg, devices=[], timing=False)  # the plan resolves auto as train does
     assert planned.setup.gradient_checkpointing and planned.auto_checkpointing and planned.fits_here
-    assert "gradient checkpointing on (auto: needed to fit on small box)" in str(planned)
+    assert "gradient checkpointing on (auto: needed to fit on small box if every row is max_seq_len long" in str(planned)
     assert trained_with({}) == (True, True)  # auto: on, and recorded so that a resume does the same
     with pytest.raises(RunError, match="--force"):
         trained_with({"gradient_checkpointing": False})  # the user's own false stays false

@@ -28,6 +28,8 @@ def format_plan(r) -> str:
 
     a, s, b = r.arch, r.setup, r.breakdown
     here = r.verdicts[0]
+    auto = (f" (auto: needed to fit on {here.device.name} if every row is max_seq_len long; `tunelab train` turns "
+            "it off again if the data's real batches fit without it)") if r.auto_checkpointing else ""
     lines = [
         f"model   {a.name}: {a.n_params / 1e9:.3f}B parameters, {a.num_layers} layers, hidden {a.hidden_size}, "
         f"{a.num_heads}/{a.num_kv_heads} heads, vocab {a.vocab_size}  [{a.source}]",
@@ -35,7 +37,7 @@ def format_plan(r) -> str:
         + (f" rank {s.lora_rank}" if s.method != "full" else "")
         + f", {here.dtype} compute, max_seq_len {s.max_seq_len}, micro batch {s.micro_batch_size} "
         f"x {s.grad_accum_steps} accumulation, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}"
-        f"{f' (auto: needed to fit on {here.device.name})' if r.auto_checkpointing else ''}; "
+        f"{auto}; "
         f"trainable {b.trainable_params / 1e6:.2f}M",
         "",
         f"peak memory on {here.device.name}:",
