@@ -356,8 +356,10 @@ def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config,
     assert calls and result.steps == 1
 
 
-def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(tiny_config, monkeypatch, tmp_path):
+def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(tiny_config, monkeypatch, tmp_path,
+                                                                              capsys):
     import yaml
+    from conftest import train_until_first_checkpoint
     from transformers import PreTrainedModel
 
     import tunelab.planning as planning
@@ -397,6 +399,12 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
     short = dict(cfg, data={**cfg["data"], "train": tiny_config["data"]["train"]})  # rows of ~30 tokens
     assert tunelab.plan(short, devices=[], timing=False).auto_checkpointing  # the plan cannot know the rows
     assert trained_with({}, short) == (False, False)  # the loop, having encoded them, turns it off again
+    # a resumed run keeps what it resolved: no "config differs" warning, checkpointing still off
+    crashing = dict(short, name="crashing", train={**short["train"], "max_steps": 2, "save_every_n_steps": 1})
+    train_until_first_checkpoint(crashing)
+    capsys.readouterr()
+    resumed = tunelab.train(crashing, resume=True, quiet=True)
+    assert resumed.steps == 2 and not enabled and "differs" not in capsys.readouterr().out
     machine_with(10 * off)  # fits anyway: auto stays off
     assert not tunelab.plan(cfg, devices=[], timing=False).auto_checkpointing
     assert trained_with({}) == (False, False)

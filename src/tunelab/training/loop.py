@@ -68,6 +68,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     cfg = load_config(config, overrides)
     from tunelab.planning import check_fits, checkpointing_needed
 
+    auto_checkpointing = cfg.train.gradient_checkpointing is None  # before check_fits resolves it
     fit = check_fits(cfg, force)  # a run predicted not to fit stops here, before any weight loads
     name = cfg.name or (Path(config).stem if isinstance(config, (str, Path)) else "run")
     if cfg.stage == "ppo":  # TRL has no PPO trainer any more: ours
@@ -82,7 +83,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # launch` job on CPUs (gloo) instead of running every process alone
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
-    found = [_run_dir_for(cfg, name, resume) if is_main else None]
+    found = [_run_dir_for(cfg, name, resume, auto_checkpointing) if is_main else None]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -142,7 +143,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     info(f"data: {len(data.train)} train / {len(data.val)} validation sequences ({data.report['format']} format); "
          f"{total_steps} steps of {effective} examples ({total_steps / steps_per_epoch:.2f} epochs); run {run_dir}")
 
-    if fit is not None and fit.auto_checkpointing:
+    if fit is not None and fit.auto_checkpointing and cfg.train.gradient_checkpointing:
         # on for the plan's worst case (every row max_seq_len long); the batches that will run may fit without
         epochs = math.ceil(total_steps * micro_per_step / batches_per_epoch)
         largest = largest_batch_tokens([len(e.input_ids) for e in data.train], cfg.train.micro_batch_size, cfg.seed,
@@ -466,7 +467,9 @@ def _point_adapter_at_ref(folder: Path, ref: str) -> None:
     path.write_text(json.dumps(conf, indent=2))
 
 
-def _run_dir_for(cfg: RunConfig, name: str, resume) -> tuple[Path, Path | None]:
+def _run_dir_for(cfg: RunConfig, name: str, resume, auto_checkpointing: bool = False) -> tuple[Path, Path | None]:
+    """A new run directory, or the one to resume and its latest checkpoint. auto_checkpointing: the
+    config leaves train.gradient_checkpointing to auto, and a resumed run keeps what it resolved."""
     if not resume:
         return new_run_dir(cfg.output_dir, name), None
     run = Path(resume) if not isinstance(resume, bool) else last_run(cfg.output_dir, name)
@@ -479,6 +482,8 @@ def _run_dir_for(cfg: RunConfig, name: str, resume) -> tuple[Path, Path | None]:
                            "and train from its final/ weights)")
         raise RunError(f"{run} has no checkpoint yet (it stopped before the first save); start it again without --resume")
     old = load_config(run / "config.yaml")
+    if auto_checkpointing:  # resolved by the run from its data (maybe off again): resume as it ran
+        cfg.train.gradient_checkpointing = old.train.gradient_checkpointing
     changed = _diff(config_to_dict(old), config_to_dict(cfg))
     if changed:
         info(f"[yellow]warning:[/] resuming {run.name} with a config that differs from the one it started with: "
