@@ -351,6 +351,7 @@ def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config,
     with pytest.raises(RunError, match="--force") as err:
         tunelab.train(huge, quiet=True)
     assert "Cheapest change that fits: train.micro_batch_size=" in str(err.value)
+    assert "every row is data.max_seq_len=1024 tokens long: `tunelab data inspect`" in str(err.value)
     assert calls == []  # stopped before any weight loaded
     result = tunelab.train(huge, quiet=True, force=True)
     assert calls and result.steps == 1

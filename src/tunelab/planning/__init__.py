@@ -367,6 +367,8 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
             + (f" ({procs} processes)" if procs > 1 else "")
             + f" and {v.device.name} has {v.device.usable_gb:.1f} GB usable, so it would run out of memory. "
             + " ".join(f"Cheapest change that fits: {a}." for a in v.advice)
+            + f" The check assumes every row is data.max_seq_len={cfg.data.max_seq_len} tokens long: `tunelab data"
+            " inspect` shows your rows' lengths, and a max_seq_len just above the longest cuts nothing."
             + " See the whole breakdown with `tunelab plan <config>`; train anyway with --force (force=True).")
     if status != "fits":
         info(f"[yellow]warning:[/] predicted peak memory {need / 1e9:.1f} GB of {v.device.usable_gb:.1f} GB usable "
