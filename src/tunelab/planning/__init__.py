@@ -328,14 +328,22 @@ def _config(config_or_path, model, overrides):
     return cfg
 
 
-def checkpointing_needed(cfg, batch_tokens: int, processes: int = 1) -> bool:
+def _local_processes() -> int:
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE): each holds its own copy."""
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def checkpointing_needed(cfg, batch_tokens: int) -> bool:
     """Whether the run does not fit here without gradient checkpointing when its largest micro batch
     holds `batch_tokens` tokens. `tunelab train` asks once its data is encoded, where `check_fits`
     turned checkpointing on for the worst case: real batches are often far shorter (SmolLM2-1.7B's
     LoRA on the alpaca demo here: 8 GB without it, 22% faster than with it)."""
-    result = plan(cfg, devices=[], timing=False, processes=processes, gradient_checkpointing=False,
+    procs = _local_processes()
+    result = plan(cfg, devices=[], timing=False, processes=procs, gradient_checkpointing=False,
                   batch_tokens=batch_tokens)
-    return _status(result.here.peak_bytes * processes, result.here.device) == "does not fit"
+    return _status(result.here.peak_bytes * procs, result.here.device) == "does not fit"
 
 
 def check_fits(cfg, force: bool = False) -> "PlanResult | None":
@@ -343,12 +351,10 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
 
     Returns the plan (None when the model's architecture cannot be known without loading it: the
     run then goes on and the loader reports any problem). Raises RunError with the advice."""
-    import os
-
     from tunelab.errors import ModelError, RunError
     from tunelab.log import info
 
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: each process holds its own copy
+    procs = _local_processes()
     try:
         result = plan(cfg, devices=[], timing=False, processes=procs)
     except ModelError:

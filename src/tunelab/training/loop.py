@@ -11,7 +11,6 @@ all processes). So gradient accumulation gives the same update as one large batc
 
 import contextlib
 import math
-import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -148,7 +147,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         epochs = math.ceil(total_steps * micro_per_step / batches_per_epoch)
         largest = largest_batch_tokens([len(e.input_ids) for e in data.train], cfg.train.micro_batch_size, cfg.seed,
                                        epochs, cfg.train.group_by_length, cfg.train.packing)
-        if not checkpointing_needed(cfg, largest, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+        if not checkpointing_needed(cfg, largest):
             cfg.train.gradient_checkpointing = False
             info(f"gradient checkpointing off again (auto): this data's largest micro batch holds {largest} tokens, "
                  f"not the worst case's {cfg.train.micro_batch_size * cfg.data.max_seq_len}, and fits without it")
