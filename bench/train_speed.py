@@ -18,7 +18,7 @@ Each runs in its own process (peak RSS is per process); the first step is not ti
 work around them (their losses mean nothing).
 
 usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tunelab] [--shape 135m|360m|1.7b]
-                                   [--variant compile ...] [--shared ../shared]
+                                   [--variant compile ...] [--peer documented|bf16|trl ...] [--shared ../shared]
 """
 
 import argparse
@@ -46,6 +46,8 @@ def flops_per_token(method: str, n_params: float, n_lora: float, n_head: float, 
     return base + 6 * layers * seq * hidden
 
 
+PEERS = {"documented": ("HF Trainer, documented (fp32)", []), "bf16": ("HF Trainer + bf16", ["--bf16"]),
+         "trl": ("TRL SFTTrainer bf16 + padding-free", ["--bf16", "--trl"])}
 LORA_RANK = 16
 # SmolLM2's published sizes. 135m is the real model; the larger two are its config with their
 # dimensions and random weights (no hub here), for speed only: their losses mean nothing.
@@ -201,6 +203,9 @@ def main() -> None:
     p.add_argument("--variant", action="append", type=variant_arg,
                    help=f"only these tunelab rows (repeatable; default: every row of --method): options of "
                         f"{', '.join(OPTIONS)}, joined by +")
+    p.add_argument("--peer", action="append", choices=list(PEERS),
+                   help="only these peers (repeatable; default: all). Without AVX512-BF16 or AMX the bf16 "
+                        "peers run at a few tokens/s: time them with fewer --steps")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "DATA", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -210,9 +215,13 @@ def main() -> None:
 
     import torch
 
+    from tunelab.hardware import dtype_name, resolve_dtype
     from tunelab.planning.timing import matmul_peak_tflops
 
-    peak = matmul_peak_tflops(torch.bfloat16) * 1000  # GFLOP/s
+    # MFU is against the peak of the dtype the runs compute in: bf16 where the CPU is fast at it,
+    # else fp32 (an AVX2 CPU emulates bf16 matmuls at ~1/30 of its fp32 rate, and trains in fp32)
+    compute = resolve_dtype("auto")
+    peak = matmul_peak_tflops(compute) * 1000  # GFLOP/s
     results = []
     for variant in a.variant or variants(a.method):  # compiled first: the headline
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
@@ -222,8 +231,9 @@ def main() -> None:
         peer = str(Path(a.shared) / "bench/peer_hf_trainer.py") if a.method == "lora" else str(HERE / "peer_full_finetune.py")
         base = [sys.executable, peer, str(model_dir), str(data), "--steps", str(a.steps), "--batch", "8",
                 "--max-len", "512"]
-        for name, extra in [("HF Trainer, documented (fp32)", []), ("HF Trainer + bf16", ["--bf16"]),
-                            ("TRL SFTTrainer bf16 + padding-free", ["--bf16", "--trl"])]:
+        for key, (name, extra) in PEERS.items():
+            if a.peer and key not in a.peer:
+                continue
             r = run(base + extra)
             r["peer"] = name
             results.append(r)
@@ -233,7 +243,7 @@ def main() -> None:
     conf = AutoConfig.from_pretrained(model_dir)
     n_params, n_lora, n_head = model_counts(model_dir)
     print(f"\nmodel: {model_dir.name}, {n_params / 1e6:.1f}M parameters")
-    print(f"bf16 matmul peak here: {peak:.0f} GFLOP/s (best n x n matmul, n 1024-3072); {a.steps} steps of 8 rows, first step untimed "
+    print(f"{dtype_name(compute)} matmul peak here: {peak:.0f} GFLOP/s (best n x n matmul, n 1024-3072); {a.steps} steps of 8 rows, first step untimed "
           "(it holds the one-time compile)\n")
     head = f"{'setup':48} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
     print(head)

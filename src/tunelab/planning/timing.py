@@ -164,7 +164,7 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
 
     import torch
 
-    from tunelab.hardware import physical_cores
+    from tunelab.hardware import cpu_has_fast_bf16, physical_cores
 
     threads = threads or physical_cores()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,11 +179,15 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
             cache = {}
         if key in cache:
             return cache[key]
+    # A CPU without AVX512-BF16 or AMX emulates bf16 matmuls at ~1/30 of its fp32 rate (AVX2 Zen 2:
+    # 0.7-1.4 GFLOP/s a core): one 2048 x 2048 product takes half a minute there, so it is timed at 512.
+    bf16_n = 2048 if dev == "cuda" or cpu_has_fast_bf16() else 512
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     wall, cpu = time.perf_counter(), time.process_time()
     try:
-        rates = {"bf16": matmul_tflops(torch.bfloat16, dev, seconds), "fp32": matmul_tflops(torch.float32, dev, seconds),
+        rates = {"bf16": matmul_tflops(torch.bfloat16, dev, seconds, bf16_n),
+                 "fp32": matmul_tflops(torch.float32, dev, seconds),
                  "device": dev, "name": name, "threads": threads, "measured": time.strftime("%Y-%m-%d %H:%M")}
     finally:
         torch.set_num_threads(old)
