@@ -271,17 +271,19 @@ def test_cpu_share_of_the_peak_follows_the_model_width():
 def test_cpu_share_follows_this_cpus_bf16_unit(monkeypatch):
     """AMX's peak is 4-5x half-width AVX512-BF16's against the same memory-bound work, so a step
     reaches a far smaller share of it: this machine's plan takes its own unit's shares, a named
-    laptop avx512's. Full-width AVX-512 (Zen 5) has the same flags as half-width (Zen 4): the
-    measured rate per core tells them apart."""
+    laptop (fp32) fp32's. Full-width AVX-512 (Zen 5) has the same flags as half-width (Zen 4): the
+    measured rate per core tells them apart. A CPU without a fast bf16 unit trains in fp32 and takes
+    the fp32 shares."""
     from tunelab.planning.arch import resolve_arch
     from tunelab.planning.timing import cpu_efficiency, cpu_matmul_unit
 
-    for flags, rate, unit in [({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, None, "amx"),
+    for flags, rate, unit in [({"avx2", "fma"}, 0.003, "fp32"),  # Zen 2: bf16 emulated, trains in fp32
+                              ({"avx512f", "avx512bw"}, 0.01, "fp32"),  # AVX-512 without BF16 (Skylake-X)
+                              ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, None, "amx"),
                               ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, 0.4, "amx"),
                               ({"avx512f", "avx512_bf16"}, None, "avx512"),
                               ({"avx512f", "avx512_bf16"}, 0.43, "avx512"),   # Zen 4, 2 cores
-                              ({"avx512f", "avx512_bf16"}, 0.96, "avx512_wide"),  # Zen 5, 2 cores
-                              ({"avx2", "fma"}, 0.05, "avx512")]:
+                              ({"avx512f", "avx512_bf16"}, 0.96, "avx512_wide")]:  # Zen 5, 2 cores
         monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda flags=flags: frozenset(flags))
         assert cpu_matmul_unit(rate, 2) == unit
         assert this_machine({"bf16": rate or 0.0, "fp32": 0.1, "threads": 2}).cpu_unit == unit
@@ -292,12 +294,13 @@ def test_cpu_share_follows_this_cpus_bf16_unit(monkeypatch):
 
     arch = resolve_arch("7b")
     laptop = judge(arch, Setup(), get_device("laptop-32gb"), steps=10)
-    assert laptop.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", "avx512")
-    for flags, rate, unit in [({"amx_bf16"}, 1.0, "amx"), ({"avx512_bf16"}, 0.96, "avx512_wide")]:
+    assert laptop.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", "fp32")  # trains in fp32
+    for flags, rate, unit in [({"amx_bf16"}, 1.0, "amx"), ({"avx512_bf16"}, 0.96, "avx512_wide"),
+                              ({"avx2", "fma"}, 0.003, "fp32")]:
         monkeypatch.setattr("tunelab.hardware.cpu_flags", lambda flags=flags: frozenset(flags))
         here = judge(arch, Setup(), this_machine({"bf16": rate, "fp32": 0.1, "threads": 2}), steps=10)
         assert here.timing.efficiency == cpu_efficiency(arch.hidden_size, False, "lora", unit)
-        assert here.timing.efficiency != laptop.timing.efficiency
+        assert (here.timing.efficiency == laptop.timing.efficiency) == (unit == "fp32")
 
 
 def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, monkeypatch):

@@ -13,7 +13,9 @@ class Device:
     tflops: float        # dense matmul rate in auto_dtype, datasheet (laptops: a typical CPU)
     auto_dtype: str      # what dtype "auto" resolves to there
     note: str = ""
-    cpu_unit: str = "avx512"  # a CPU's bf16 matmul unit, whose shares of the peak time its steps (timing.py)
+    # a CPU's matmul unit, whose shares of the peak time its steps (timing.py); the named laptops'
+    # "typical laptop CPU" trains in fp32 at an fp32 rate
+    cpu_unit: str = "fp32"
 
 
 DEVICES: dict[str, Device] = {d.name: d for d in [

@@ -29,8 +29,7 @@ from tunelab.planning.memory import Setup
 # - avx512 (AMD EPYC Zen 4 with AVX512-BF16, 2026-12-06, peak 405-435 GFLOP/s): a 4-5x lower peak
 #   against the same memory traffic, so the GEMMs dominate and the share is high at every width;
 #   compiling buys less (at 1.7b nothing: the eager step measured 2 points higher). bf16 weights'
-#   uncompiled share was not measured: fp32's is taken. CPUs with neither unit (AVX2 laptops, which
-#   train in fp32) take these shares too: their vector FMA units are likewise slow against memory.
+#   uncompiled share was not measured: fp32's is taken.
 # - avx512_wide (AMD EPYC Zen 5, 2026-12-06, peak 830-985 GFLOP/s; "The Zen 5 shares"): the same
 #   flags as Zen 4, but 512-bit instructions run at full width, so the peak is 2.2x Zen 4's and the
 #   shares sit between the two tables. cpu_matmul_unit tells it from Zen 4 by the measured rate per
@@ -38,6 +37,15 @@ from tunelab.planning.memory import Setup
 #   measured the row (135m lora compiled: 0.48-0.60 over three runs, the spread of a shared
 #   machine). Uncompiled, bf16 weights are the slowest at 576 (0.37 against fp32's 0.43) and the
 #   fastest at 2048 (0.71, 3 points above compiled, with 6 GB more memory).
+# - fp32 (CPUs without a fast bf16 unit: AVX2, or AVX-512 without BF16, Apple): they emulate bf16
+#   matmuls at 1/50 of their fp32 rate or less (AMD EPYC Zen 2, 2 cores: 1.4 GFLOP/s at n = 512,
+#   0.16 at 2048, against fp32's 67-71), so `model.dtype: auto` trains in fp32 there and the shares
+#   are of the fp32 peak (AMD EPYC Zen 2, AVX2, 2026-12-07, bench/RESULTS.md "Without a fast bf16
+#   unit"): the lowest peak of all against the same memory traffic, so the GEMMs are nearly the
+#   whole step. Measured at 135M's width only and held for every width (elsewhere wider models
+#   reach higher shares, so this errs long). bf16 weights compute in bf16: their share of the fp32
+#   peak is full's times the bf16/fp32 matmul ratio at n = 512 (0.79 x 1/47; not timed, a run
+#   would take hours); train warns before such a run.
 # Between measured widths the share is interpolated on log(hidden); beyond them it stays at the
 # nearest one.
 CPU_EFFICIENCY = {
@@ -50,9 +58,12 @@ CPU_EFFICIENCY = {
     "avx512_wide": {"lora": {576: (0.40, 0.55), 960: (0.53, 0.63), 2048: (0.62, 0.63)},
                     "full": {576: (0.42, 0.54), 960: (0.53, 0.54)},
                     "full_bf16": {576: (0.37, 0.61), 960: (0.54, 0.65), 2048: (0.71, 0.68)}},
+    "fp32": {"lora": {576: (0.72, 0.76)}, "full": {576: (0.80, 0.79)},
+             "full_bf16": {576: (0.02, 0.02)}},
 }
 CPU_UNITS = {"amx": "AMX tiles", "avx512_wide": "full-width AVX-512",
-             "avx512": "AVX-512 at half width or narrower"}  # what the report calls each unit
+             "avx512": "AVX-512 at half width or narrower",
+             "fp32": "fp32 vector units (no fast bf16)"}  # what the report calls each unit
 GPU_EFFICIENCY = 0.35  # a usual figure for fine-tuning loops on tensor cores
 QLORA_CPU_SLOWDOWN = 3.0  # bitsandbytes dequantizes every 4-bit weight in forward and backward
 # The time of gradient checkpointing's recomputed forward, as a share of its FLOPs at the step's
@@ -106,13 +117,16 @@ WIDE_AVX512_GFLOPS_PER_CORE = 300
 
 
 def cpu_matmul_unit(bf16_tflops: float | None = None, threads: int | None = None) -> str:
-    """This CPU's bf16 matmul unit as CPU_EFFICIENCY names it: amx by its flag; else avx512_wide when
-    the measured bf16 rate (TFLOP/s on `threads` cores) is at least WIDE_AVX512_GFLOPS_PER_CORE a
-    core, else avx512 (also what a CPU without a measured rate takes)."""
-    from tunelab.hardware import cpu_flags, physical_cores
+    """This CPU's bf16 matmul unit as CPU_EFFICIENCY names it: amx by its flag; fp32 for a CPU
+    without a fast bf16 unit (it trains in fp32); else avx512_wide when the measured bf16 rate
+    (TFLOP/s on `threads` cores) is at least WIDE_AVX512_GFLOPS_PER_CORE a core, else avx512 (also
+    what an AVX512-BF16 CPU without a measured rate takes)."""
+    from tunelab.hardware import cpu_flags, cpu_has_fast_bf16, physical_cores
 
     if "amx_bf16" in cpu_flags():
         return "amx"
+    if not cpu_has_fast_bf16():
+        return "fp32"
     if bf16_tflops and bf16_tflops * 1e3 / (threads or physical_cores()) >= WIDE_AVX512_GFLOPS_PER_CORE:
         return "avx512_wide"
     return "avx512"
@@ -120,7 +134,7 @@ def cpu_matmul_unit(bf16_tflops: float | None = None, threads: int | None = None
 
 def cpu_efficiency(hidden_size: int, compiled: bool, kind: str = "lora", unit: str | None = None) -> float:
     """The share of the matmul peak a training step reaches on a CPU; kind: lora, full or full_bf16;
-    unit: amx or avx512, this CPU's when None (see CPU_EFFICIENCY). np.interp holds the end values
+    unit: a key of CPU_EFFICIENCY, this CPU's when None (see CPU_EFFICIENCY). np.interp holds the end values
     beyond the measured widths."""
     import math
 
@@ -179,8 +193,8 @@ def machine_rates(threads: int | None = None, seconds: float = 1.0, use_cache: b
             cache = {}
         if key in cache:
             return cache[key]
-    # A CPU without AVX512-BF16 or AMX emulates bf16 matmuls at ~1/30 of its fp32 rate (AVX2 Zen 2:
-    # 0.7-1.4 GFLOP/s a core): one 2048 x 2048 product takes half a minute there, so it is timed at 512.
+    # A CPU without AVX512-BF16 or AMX emulates bf16 matmuls (AVX2 Zen 2, 2 cores: 1.4 GFLOP/s at
+    # n = 512, 0.16 at 2048): one 2048 x 2048 product took 105 s there, so it is timed at 512.
     bf16_n = 2048 if dev == "cuda" or cpu_has_fast_bf16() else 512
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
