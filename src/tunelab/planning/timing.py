@@ -42,8 +42,8 @@ from tunelab.planning.memory import Setup
 #   0.16 at 2048, against fp32's 67-71), so `model.dtype: auto` trains in fp32 there and the shares
 #   are of the fp32 peak (AMD EPYC Zen 2, AVX2, 2026-12-07, bench/RESULTS.md "Without a fast bf16
 #   unit"): the lowest peak of all against the same memory traffic, so the GEMMs are nearly the
-#   whole step. Measured at 135M's width only and held for every width (elsewhere wider models
-#   reach higher shares, so this errs long). bf16 weights compute in bf16: their share of the fp32
+#   whole step. LoRA measured at 135M's and 360M's widths, full at 135M's only; held beyond them
+#   (elsewhere wider models reach higher shares, so this errs long). bf16 weights compute in bf16: their share of the fp32
 #   peak is full's times the bf16/fp32 matmul ratio at n = 512 (0.79 x 1/47; not timed, a run
 #   would take hours); train warns before such a run.
 # Between measured widths the share is interpolated on log(hidden); beyond them it stays at the
@@ -58,7 +58,7 @@ CPU_EFFICIENCY = {
     "avx512_wide": {"lora": {576: (0.40, 0.55), 960: (0.53, 0.63), 2048: (0.62, 0.63)},
                     "full": {576: (0.42, 0.54), 960: (0.53, 0.54)},
                     "full_bf16": {576: (0.37, 0.61), 960: (0.54, 0.65), 2048: (0.71, 0.68)}},
-    "fp32": {"lora": {576: (0.72, 0.76)}, "full": {576: (0.80, 0.79)},
+    "fp32": {"lora": {576: (0.72, 0.76), 960: (0.76, 0.78)}, "full": {576: (0.80, 0.79)},
              "full_bf16": {576: (0.02, 0.02)}},
 }
 CPU_UNITS = {"amx": "AMX tiles", "avx512_wide": "full-width AVX-512",
