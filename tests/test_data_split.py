@@ -74,3 +74,41 @@ def test_find_overlap():
     val = [chat("q2", "a", "v:1"), chat("q3", "a", "v:2"), chat("q1", "a", "v:3"), chat("q1", "b", "v:4")]
     assert find_overlap(train, val) == [("t:2", "v:1"), ("t:1", "v:3")]
     assert find_overlap(train, []) == []
+
+
+def test_val_limit_keeps_the_first_validation_examples(sentiment_file, tokenizer, tmp_path):
+    """data.val_limit caps every stage's validation set at its first N: of the seeded split, of the
+    validation file, of pretraining's held-out chunks and of preference pairs; 0 is refused."""
+    from dataclasses import replace
+
+    from tunelab.config import load_config
+    from tunelab.config.schema import DataConfig
+    from tunelab.data.prepare import prepare_data
+    from tunelab.errors import ConfigError
+    from tunelab.training.stages.pretrain import prepare_text
+    from tunelab.training.stages.trl_stages import _data
+
+    split = DataConfig(train=str(sentiment_file), val_fraction=0.5, cache=False)
+    given = replace(split, validation=str(sentiment_file))
+    for cfg in (split, given):
+        whole = prepare_data(cfg, tokenizer, seed=0)
+        capped = prepare_data(replace(cfg, val_limit=3), tokenizer, seed=0)
+        assert len(whole.val_examples) > 3
+        assert sources(capped.val_examples) == sources(whole.val_examples[:3])
+        assert len(capped.val) == 3 and capped.report["val_examples"] == 3
+        assert sources(capped.train_examples) == sources(whole.train_examples)  # training is untouched
+
+    text = load_config({"stage": "pretrain", "model": {"ref": "x"},
+                        "data": {"train": str(sentiment_file), "val_fraction": 0.5, "val_limit": 2}})
+    examples = [chat(f"some words {i}", "more", f"t:{i}") for i in range(8)]
+    assert len(prepare_text(text, examples, [], tokenizer, False).val) == 2
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "q{i}", "chosen": "yes", "rejected": "no"}}\n' for i in range(10)))
+    dpo = load_config({"stage": "dpo", "model": {"ref": "x"},
+                       "data": {"train": str(pairs), "val_fraction": 0.5, "val_limit": 2}})
+    train, val, report = _data(dpo)
+    assert len(val) == 2 and report["val_examples"] == 2 and len(train) == 5
+
+    with pytest.raises(ConfigError, match="data.val_limit=0 must be >= 1"):
+        load_config({"model": {"ref": "x"}, "data": {"train": str(sentiment_file), "val_limit": 0}})

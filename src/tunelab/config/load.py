@@ -144,6 +144,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.max_seq_len={d.max_seq_len} is too small; use at least 16 (typical: 512-4096)")
     if d.limit is not None and d.limit < 1:
         p.append(f"data.limit={d.limit} must be >= 1 or null")
+    if d.val_limit is not None and d.val_limit < 1:
+        p.append(f"data.val_limit={d.val_limit} must be >= 1 or null")
     _positive(p, "lora.rank", lo.rank)
     _positive(p, "lora.alpha", lo.alpha)
     if not 0 <= lo.dropout < 1:

@@ -49,6 +49,9 @@ class DataConfig:
     """Drop exact duplicate training examples (they are always reported)."""
     limit: int | None = None
     """Use only the first N training examples (after the split); handy for a quick try."""
+    val_limit: int | None = None
+    """Use only the first N validation examples (of the file, or of the seeded split): every
+    validation pass costs a forward over all of them, minutes on a CPU for a few hundred."""
     cache: bool = True
     """Keep the tokenized examples in ~/.cache/tunelab/tokenized (or $TUNELAB_CACHE/tokenized), so
     a later run on the same data, tokenizer and data settings skips tokenizing. false: always tokenize."""

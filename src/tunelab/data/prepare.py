@@ -50,6 +50,8 @@ def _prepare(cfg: DataConfig, tokenizer, seed: int, progress: bool) -> PreparedD
         train_ex, val_ex = split_examples(examples, cfg.val_fraction, seed)
     else:
         train_ex, val_ex = examples, []
+    if cfg.val_limit:
+        val_ex = val_ex[: cfg.val_limit]
     duplicates = find_duplicates(train_ex)
     if cfg.drop_duplicates and duplicates:
         dup_sources = {d for _, d in duplicates}

@@ -104,6 +104,8 @@ def prepare_text(cfg: RunConfig, train_ex, val_ex, tokenizer, progress: bool) ->
         train = [e for i, e in enumerate(train) if i not in held]
     if d.limit:
         train = train[: d.limit]
+    if d.val_limit:
+        val = val[: d.val_limit]
     if not train:
         raise DataError(f"{d.train}: no text long enough to train on (need at least 2 tokens)")
     lengths = [len(e.input_ids) for e in train]

@@ -147,6 +147,8 @@ def _data(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
         train, val = rows, []
     if d.limit:
         train = train[: d.limit]
+    if d.val_limit:
+        val = val[: d.val_limit]
     report = {"stage": cfg.stage, "format": fmt, "train_file": d.train, "validation_file": d.validation,
               "rows": len(rows), "train_examples": len(train), "val_examples": len(val)}
     return train, val, report
