@@ -219,7 +219,7 @@ def main() -> None:
     from tunelab.planning.timing import matmul_peak_tflops
 
     # MFU is against the peak of the dtype the runs compute in: bf16 where the CPU is fast at it,
-    # else fp32 (an AVX2 CPU emulates bf16 matmuls at ~1/30 of its fp32 rate, and trains in fp32)
+    # else fp32 (an AVX2 CPU emulates bf16 matmuls at 1/50 of its fp32 rate or less, and trains in fp32)
     compute = resolve_dtype("auto")
     peak = matmul_peak_tflops(compute) * 1000  # GFLOP/s
     results = []

@@ -43,9 +43,9 @@ from tunelab.planning.memory import Setup
 #   are of the fp32 peak (AMD EPYC Zen 2, AVX2, 2026-12-07, bench/RESULTS.md "Without a fast bf16
 #   unit"): the lowest peak of all against the same memory traffic, so the GEMMs are nearly the
 #   whole step. LoRA measured at 135M's and 360M's widths, full at 135M's only; held beyond them
-#   (elsewhere wider models reach higher shares, so this errs long). bf16 weights compute in bf16: their share of the fp32
-#   peak is full's times the bf16/fp32 matmul ratio at n = 512 (0.79 x 1/47; not timed, a run
-#   would take hours); train warns before such a run.
+#   (elsewhere wider models reach higher shares, so this errs long). bf16 weights compute in bf16:
+#   their share of the fp32 peak is full's times the bf16/fp32 matmul ratio at n = 512 (0.79 x
+#   1/47; not timed, a run would take hours); train warns before such a run.
 # Between measured widths the share is interpolated on log(hidden); beyond them it stays at the
 # nearest one.
 CPU_EFFICIENCY = {
@@ -134,8 +134,8 @@ def cpu_matmul_unit(bf16_tflops: float | None = None, threads: int | None = None
 
 def cpu_efficiency(hidden_size: int, compiled: bool, kind: str = "lora", unit: str | None = None) -> float:
     """The share of the matmul peak a training step reaches on a CPU; kind: lora, full or full_bf16;
-    unit: a key of CPU_EFFICIENCY, this CPU's when None (see CPU_EFFICIENCY). np.interp holds the end values
-    beyond the measured widths."""
+    unit: a key of CPU_EFFICIENCY, this CPU's when None. np.interp holds the end values beyond the
+    measured widths."""
     import math
 
     import numpy as np
