@@ -29,8 +29,8 @@ import torch
 
 from tunelab.data.encode import IGNORE
 
-from train_speed import (LORA_RANK, SHAPES, bench_inputs, flops_per_token, model_counts, tunelab_config, variant_arg,
-                         variant_label)
+from train_speed import (LORA_RANK, SHAPES, bench_inputs, compute_peak, flops_per_token, model_counts, tunelab_config,
+                         variant_arg, variant_label)
 
 HERE = Path(__file__).resolve().parent
 WAIT = 2  # training steps before the profiled ones: the first holds the compile, the second warms up
@@ -129,10 +129,9 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from tunelab.planning.timing import matmul_peak_tflops
-
     conf = AutoConfig.from_pretrained(model_dir)
-    peak = matmul_peak_tflops(torch.bfloat16) * 1e12
+    compute, peak = compute_peak()
+    peak *= 1e9
     events, seconds, tokens, answers = profile_steps(model_dir, data, a.method, a.variant, a.steps)
     parts = sort_into_parts(events, conf.vocab_size, LORA_RANK if a.method == "lora" else None)
     per_step = seconds / a.steps
@@ -142,7 +141,7 @@ def main() -> None:
                                                      conf.hidden_size, tokens / a.steps / 8, answers / tokens)
     print(f"\ntunelab {a.method} {variant_label(a.variant)}: {per_step:.2f} s a step, {tokens / a.steps:.0f} tokens "
           f"a step ({tokens / seconds:.0f} tokens/s), MFU {model_flops / per_step / peak:.1%} "
-          f"(bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; {a.steps} steps profiled)\n")
+          f"({compute} matmul peak {peak / 1e9:.0f} GFLOP/s; {a.steps} steps profiled)\n")
     head = f"{'part':22} {'s/step':>7} {'share':>6} {'GFLOP/s':>8} {'MFU if only this part and those above took time':>49}"
     print(head)
     print("-" * len(head))

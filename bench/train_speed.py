@@ -23,7 +23,6 @@ usage: python bench/train_speed.py [--steps 10] [--method lora|full] [--only tun
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -149,6 +148,17 @@ def tunelab_worker(model_dir: str, data: str, steps: int, method: str, variant: 
                                      "head_fraction": sum(r["target_tokens"] for r in timed) / tokens}))
 
 
+def compute_peak() -> tuple[str, float]:
+    """The dtype the runs compute in and its matmul peak here in GFLOP/s, which MFU is taken against:
+    bf16 where the CPU is fast at it, else fp32 (an AVX2 CPU emulates bf16 matmuls at 1/50 of its
+    fp32 rate or less, and trains in fp32)."""
+    from tunelab.hardware import dtype_name, resolve_dtype
+    from tunelab.planning.timing import matmul_peak_tflops
+
+    compute = resolve_dtype("auto")
+    return dtype_name(compute), matmul_peak_tflops(compute) * 1000
+
+
 def bench_inputs(shared: Path, shape: str = "135m") -> tuple[Path, Path]:
     """The SmolLM2 folder of `shape` (see SHAPES) and the alpaca demo as JSONL, made once in bench/.cache."""
     cache = HERE / ".cache"
@@ -213,15 +223,7 @@ def main() -> None:
 
     model_dir, data = bench_inputs(Path(a.shared), a.shape)
 
-    import torch
-
-    from tunelab.hardware import dtype_name, resolve_dtype
-    from tunelab.planning.timing import matmul_peak_tflops
-
-    # MFU is against the peak of the dtype the runs compute in: bf16 where the CPU is fast at it,
-    # else fp32 (an AVX2 CPU emulates bf16 matmuls at 1/50 of its fp32 rate or less, and trains in fp32)
-    compute = resolve_dtype("auto")
-    peak = matmul_peak_tflops(compute) * 1000  # GFLOP/s
+    compute, peak = compute_peak()
     results = []
     for variant in a.variant or variants(a.method):  # compiled first: the headline
         results.append(run([sys.executable, __file__, "--steps", str(a.steps), "--method", a.method,
@@ -243,7 +245,7 @@ def main() -> None:
     conf = AutoConfig.from_pretrained(model_dir)
     n_params, n_lora, n_head = model_counts(model_dir)
     print(f"\nmodel: {model_dir.name}, {n_params / 1e6:.1f}M parameters")
-    print(f"{dtype_name(compute)} matmul peak here: {peak:.0f} GFLOP/s (best n x n matmul, n 1024-3072); {a.steps} steps of 8 rows, first step untimed "
+    print(f"{compute} matmul peak here: {peak:.0f} GFLOP/s (best n x n matmul, n 1024-3072); {a.steps} steps of 8 rows, first step untimed "
           "(it holds the one-time compile)\n")
     head = f"{'setup':48} {'tokens/s':>9} {'peak RSS MB':>12} {'loss step 1 -> N':>18} {'MFU':>6} {'tunelab is':>11}"
     print(head)
