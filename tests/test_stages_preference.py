@@ -64,6 +64,14 @@ def test_dpo_raises_chosen_minus_rejected_margin_on_held_out_pairs(pref_config, 
         assert (result.run_dir / name).is_file(), name
 
 
+def test_dpo_in_bf16_on_a_cpu_without_a_bf16_unit_is_warned(pref_config, monkeypatch, capsys):
+    """The TRL stages warn as the SFT loop does (tests/test_train.py) when bf16 would be emulated."""
+    monkeypatch.setattr("tunelab.hardware.cpu_has_fast_bf16", lambda: False)
+    tunelab.train({**pref_config, "model": {**pref_config["model"], "dtype": "bf16"},
+                   "train": {**pref_config["train"], "max_steps": 1}}, quiet=True)
+    assert "no fast bf16 unit" in capsys.readouterr().out
+
+
 def test_reward_model_ranks_chosen_above_rejected_on_held_out_pairs(pref_config, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

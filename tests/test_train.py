@@ -252,7 +252,7 @@ def test_compiled_training_matches_eager(tiny_config, method, dtype):
 def test_bf16_on_a_cpu_without_a_bf16_unit_is_warned(tiny_config, monkeypatch, capsys, fast_bf16):
     """Without AVX512-BF16 or AMX a bf16 matmul runs at 1/50 of fp32's rate or less (AVX2 Zen 2): a run
     that asks for bf16 there says so before it starts; fp32 runs, and bf16 on a CPU fast at it, do not."""
-    monkeypatch.setattr("tunelab.training.loop.cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr("tunelab.hardware.cpu_has_fast_bf16", lambda: fast_bf16)
     for dtype in ("bf16", "fp32"):
         config = {**tiny_config, "name": f"dtype-{dtype}", "model": {**tiny_config["model"], "dtype": dtype},
                   "train": {**tiny_config["train"], "max_steps": 1, "compile": False}}

@@ -35,6 +35,16 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def slow_bf16_warning(device_type: str, compute_dtype: torch.dtype, bf16_weights: bool = False) -> str | None:
+    """The warning a run prints when it asks for bf16 on a CPU that emulates it, else None."""
+    if device_type != "cpu" or cpu_has_fast_bf16() or not (compute_dtype == torch.bfloat16 or bf16_weights):
+        return None
+    return ("[yellow]warning:[/] this CPU has no fast bf16 unit (AVX512-BF16 or AMX): its bf16 matmuls run at "
+            "1/50 of its fp32 rate or less (bench/RESULTS.md, 'Without a fast bf16 unit'). Set model.dtype: auto "
+            "(fp32 here)" + (" and train.weight_dtype: fp32" if bf16_weights else "") + " unless bf16 is what you "
+            "are testing")
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
