@@ -87,6 +87,23 @@ def test_the_compiled_update_is_the_eager_one_bit_for_bit(monkeypatch):
     assert not torch.equal(eager[0], tensors[0])
 
 
+def test_the_compiled_update_compiles_once_per_rank_not_per_shape():
+    """dynamo keeps a parameter's shape static, so the compiled update built one graph per distinct
+    weight shape, and past its limit of 8 (a model with biases and an untied head) it ran eager; it
+    now takes flat views: one graph for 1-D bases, one for 2-D, one for 3-D."""
+    import torch._dynamo.utils
+
+    shapes = [(7,), (5,), (4, 6), (3, 6), (9, 6), (6, 9), (11, 6), (6, 12), (13, 6), (2, 3, 4)]
+    params = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in shapes]
+    opt = AdamWBf16(params, lr=1e-3, compiled=True)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before <= 3
+
+
 def test_clipping_scales_the_gradients_inside_the_update():
     torch.manual_seed(2)
     ps = [torch.nn.Parameter(torch.randn(10, 10).to(torch.bfloat16)) for _ in range(2)]

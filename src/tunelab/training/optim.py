@@ -136,7 +136,11 @@ class AdamWBf16(torch.optim.Optimizer):
                 # The rounding noise is a function of (seed, step, tensor): a resumed run repeats it, and
                 # under DDP every process rounds its copy of the weights the same way.
                 seed = torch.tensor(_mix(self.seed, int(t), index) & 0x7FFFFFFF, dtype=torch.int32)
-                update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], self.grad_scale, *scalars, seed)
+                # flat: every tensor is then 1-D, so the compiled update is one graph for all of them
+                # (by shape it compiled again for 1-D norms, 2-D weights, ...); the noise follows the
+                # flat element index either way, so the numbers are the same
+                update(p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+                       self.grad_scale, *scalars, seed)
         self.grad_scale = torch.tensor(1.0)
         return loss
 
