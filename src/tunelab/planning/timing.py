@@ -23,9 +23,10 @@ from tunelab.planning.memory import Setup
 # - amx (Intel Xeon with AMX, 2026-12-05): tiles make the GEMMs so fast (peak 1.6-2.1 TFLOP/s on 2
 #   cores) that the memory-bound work around them (norms, SiLU, the adapters' products, the loss's
 #   softmax) takes most of a step, so the share is low and grows with the width. Full fine-tuning with
-#   fp32 master weights does not grow (its weight-gradient GEMMs run at about half the rate, its
-#   optimizer passes over fp32 weights; 1.7b does not fit in 24 GB). bf16 weights' uncompiled share
-#   was not measured there: fp32's is taken, which errs long.
+#   fp32 master weights grows little (its weight-gradient GEMMs run at about half the rate, its
+#   optimizer passes over fp32 weights; 1.7b does not fit in 24 GB); its shares are from 2026-12-07,
+#   when the loop had gained ~25% since ("On AMX again"). bf16 weights' uncompiled share was not
+#   measured there: fp32's is taken, which errs long.
 # - avx512 (AMD EPYC Zen 4 with AVX512-BF16, 2026-12-06, peak 405-435 GFLOP/s): a 4-5x lower peak
 #   against the same memory traffic, so the GEMMs dominate and the share is high at every width;
 #   compiling buys less (at 1.7b nothing: the eager step measured 2 points higher). bf16 weights'
@@ -50,7 +51,7 @@ from tunelab.planning.memory import Setup
 # nearest one.
 CPU_EFFICIENCY = {
     "amx": {"lora": {576: (0.16, 0.26), 960: (0.21, 0.28), 2048: (0.34, 0.43)},
-            "full": {576: (0.15, 0.22), 960: (0.17, 0.21)},
+            "full": {576: (0.15, 0.24), 960: (0.19, 0.25)},
             "full_bf16": {576: (0.15, 0.27), 960: (0.17, 0.28), 2048: (0.17, 0.33)}},
     "avx512": {"lora": {576: (0.55, 0.64), 960: (0.64, 0.69), 2048: (0.72, 0.70)},
                "full": {576: (0.50, 0.60), 960: (0.61, 0.61)},
