@@ -20,13 +20,14 @@ from tunelab.planning.memory import Setup
 # by the CPU's bf16 matmul unit, the method and the model's hidden size: bench/train_speed.py
 # --shape 135m / 360m / 1.7b, against the highest peak measured that day (bench/RESULTS.md, "MFU and
 # the model's size" and "The model's size without AMX").
-# - amx (Intel Xeon with AMX, 2026-12-05): tiles make the GEMMs so fast (peak 1.6-2.1 TFLOP/s on 2
+# - amx (Intel Xeon with AMX, 2026-12-05): tiles make the GEMMs so fast (peak 1.6-2.6 TFLOP/s on 2
 #   cores) that the memory-bound work around them (norms, SiLU, the adapters' products, the loss's
 #   softmax) takes most of a step, so the share is low and grows with the width. Full fine-tuning with
 #   fp32 master weights grows little (its weight-gradient GEMMs run at about half the rate, its
 #   optimizer passes over fp32 weights; 1.7b does not fit in 24 GB); its shares are from 2026-12-07,
-#   when the loop had gained ~25% since ("On AMX again"). bf16 weights' uncompiled share was not
-#   measured there: fp32's is taken, which errs long.
+#   when the loop had gained ~25% since ("On AMX again"), against the highest peak of those runs
+#   (2370 GFLOP/s; a later run read 2619: the peak moves ~20% within an hour there). bf16 weights'
+#   uncompiled share was not measured there: fp32's is taken, which errs long.
 # - avx512 (AMD EPYC Zen 4 with AVX512-BF16, 2026-12-06, peak 405-435 GFLOP/s): a 4-5x lower peak
 #   against the same memory traffic, so the GEMMs dominate and the share is high at every width;
 #   compiling buys less (at 1.7b nothing: the eager step measured 2 points higher). bf16 weights'
