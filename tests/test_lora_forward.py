@@ -80,3 +80,45 @@ def test_lora_forward_falls_back_to_peft(tiny_model_dir):
         ours = dora(input_ids=ids).logits
         _use_peft_forward(dora)
         assert torch.allclose(ours, dora(input_ids=ids).logits, atol=1e-6)
+
+
+def test_hashed_dropout_keeps_1_minus_p_scaled_and_differs_by_layer_and_batch():
+    """tunelab's LoRA dropout (hashed, not drawn: training/lora.py) is nn.Dropout's function: each
+    element kept with probability 1 - p and scaled by 1 / (1 - p); the mask is new for every layer
+    and micro batch, and the same again for the same ones (a checkpoint's recompute, a resume)."""
+    from tunelab.training.lora import hashed_dropout, set_dropout_batch
+
+    x = torch.ones(4000, 64)
+    salt = torch.tensor(12345, dtype=torch.int32)
+    set_dropout_batch(0, 1)
+    a = hashed_dropout(x, 0.1, salt)
+    kept = a != 0
+    assert kept.float().mean().item() == pytest.approx(0.9, abs=0.005)
+    assert torch.allclose(a[kept], torch.tensor(1 / 0.9)) and a.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert torch.equal(hashed_dropout(x, 0.1, salt), a)
+    assert (hashed_dropout(x, 0.1, salt + 1) != a).float().mean() > 0.1  # another layer
+    set_dropout_batch(0, 2)
+    assert (hashed_dropout(x, 0.1, salt) != a).float().mean() > 0.1  # another micro batch
+    set_dropout_batch(1, 1)
+    assert (hashed_dropout(x, 0.1, salt) != a).float().mean() > 0.1  # another seed
+    assert kept[:, 0].float().mean().item() == pytest.approx(0.9, abs=0.03)  # no pattern by column
+
+
+def test_lora_dropout_trains_and_is_off_in_eval(tiny_model_dir):
+    """In training the adapters see dropped inputs (outputs change with the batch's mask); in eval
+    mode the output is the adapters' without dropout, as peft's."""
+    from tunelab.training.lora import set_dropout_batch
+
+    model = _lora_model(tiny_model_dir, dropout=0.5)
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 42]])
+    model.eval()
+    clean = model(input_ids=ids).logits
+    _use_peft_forward(model)
+    assert torch.allclose(model(input_ids=ids).logits, clean, atol=1e-5)
+    model = _lora_model(tiny_model_dir, dropout=0.5).train()
+    set_dropout_batch(0, 1)
+    first = model(input_ids=ids).logits
+    assert not torch.allclose(first, clean, atol=1e-3)
+    assert torch.equal(model(input_ids=ids).logits, first)
+    set_dropout_batch(0, 2)
+    assert not torch.allclose(model(input_ids=ids).logits, first, atol=1e-3)

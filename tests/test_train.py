@@ -193,12 +193,13 @@ def test_compile_blocks_builds_one_graph_for_all_layers(tiny_model_dir):
 def test_checkpointed_layers_stay_compiled_and_give_eager_gradients(tiny_model_dir, method):
     """With gradient checkpointing a compiled layer runs the checkpoint inside its graph: no graph
     break (one sent every layer back to eager, measured: half the memory it saves lost), the
-    backward's recompute in the graph, and the gradients of the eager, uncheckpointed model."""
+    backward's recompute in the graph, and the gradients of the eager, uncheckpointed model. LoRA with
+    dropout: its hashed masks are the same compiled, eager and recomputed, and keep one graph."""
     import torch._dynamo
     from transformers import AutoModelForCausalLM
 
     from tunelab.config.schema import LoraConfig
-    from tunelab.training.lora import apply_lora
+    from tunelab.training.lora import apply_lora, set_dropout_batch
     from tunelab.training.loop import compile_blocks
 
     ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 42]])
@@ -207,10 +208,11 @@ def test_checkpointed_layers_stay_compiled_and_give_eager_gradients(tiny_model_d
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         if method == "lora":
-            model = apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
+            model = apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.3))
             for name, p in model.named_parameters():
                 if "lora_B" in name:  # B starts at zero, which would leave A's gradients zero
                     torch.nn.init.normal_(p, std=0.1)
+            set_dropout_batch(0, 7)
         model.train()
         if compiled:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

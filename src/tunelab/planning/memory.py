@@ -62,6 +62,8 @@ class Setup:
     double_quant: bool = True
     answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
     batch_tokens: int | None = None      # the data's largest micro batch, once the loop knows its data
+    mean_batch_tokens: float | None = None  # the data's mean micro batch (plan --data), for the time
+    attention_len: float | None = None   # the data's sum(L^2) / sum(L) (plan --data); else max_seq_len
 
     @property
     def bf16_weights(self) -> bool:
@@ -119,9 +121,10 @@ def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
     elif s.method == "full":
         per = (26 * h + 6 * q + 4 * kv + 8 * i) if low else (24 * h + 12 * q + 8 * kv + 16 * i)
     else:
-        # dropout keeps a dropped copy of each adapter input and its mask
+        # dropout keeps a dropped copy of each adapter input and its mask; tunelab's hashed dropout
+        # (training/lora.py) 11h + q + i, measured with saved-tensor hooks at three widths (tests/test_plan.py)
         if s.method == "lora" and low:  # tunelab's LoRA forward: the adapters share the base's bf16 input
-            per, dropped = 12 * h + 6 * q + 4 * kv + 8 * i, 16 * h + 2 * q + 2 * i
+            per, dropped = 12 * h + 6 * q + 4 * kv + 8 * i, 11 * h + q + i
         elif low:  # peft's forward (qlora) casts each adapter's input to fp32 first
             per, dropped = 18 * h + 6 * q + 4 * kv + 8 * i, 20 * h + 4 * q + 4 * i
         else:

@@ -30,6 +30,7 @@ from tunelab.runs import (append_metrics, atomic_write_json, environment_info, l
                           plot_losses, sha256_file, truncate_metrics, write_manifest)
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
+from tunelab.training.lora import set_dropout_batch
 from tunelab.training.loss import token_loss_sum
 from tunelab.training.optim import build_optimizer, build_scheduler, step_in_backward
 
@@ -260,6 +261,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 for k, (_, _, items) in enumerate(mine):
                     batch = {key: v.to(accelerator.device) for key, v in collate(items, cfg.train.packing, pad_id).items()}
                     last = k == len(mine) - 1
+                    if cfg.uses_adapter:
+                        set_dropout_batch(cfg.seed, state["step"] * micro_per_step + k, accelerator.process_index)
                     with (nullcontext() if last else accelerator.no_sync(model)):
                         with autocast:
                             loss_sum, _ = token_loss_sum(model, batch, compiled)

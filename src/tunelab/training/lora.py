@@ -23,10 +23,43 @@ def apply_lora(model, cfg: LoraConfig):
                         if type(m).__name__ == "Linear"})
         raise ConfigError(f"lora.target_modules={targets!r}: {str(e).splitlines()[0][:160]}; this model's "
                           f"linear layers are: {', '.join(names)} (or use all-linear)") from None
-    for module in model.modules():
+    for salt, module in enumerate(model.modules()):
         if type(module) is peft.tuners.lora.Linear:  # not the 4/8-bit (QLoRA) layers: their own forward
             module.forward = types.MethodType(lean_lora_forward, module)
+            # which layer a dropout mask is for: a tensor, so that the layers keep sharing one compiled
+            # graph (a Python int would specialize it per layer); not saved with the adapter
+            module.register_buffer("dropout_salt", torch.tensor(_mix(salt), dtype=torch.int32), persistent=False)
     return model
+
+
+# The micro batch a dropout mask is for: set by the training loop before each forward (set_dropout_batch),
+# so a checkpointed layer's recomputed forward draws the same mask, and a resumed run the same masks.
+DROPOUT_BATCH = torch.zeros((), dtype=torch.int32)
+
+
+def set_dropout_batch(seed: int, micro_batch: int, process: int = 0) -> None:
+    DROPOUT_BATCH.fill_(_mix(seed, micro_batch, process))
+
+
+def hashed_dropout(x: torch.Tensor, p: float, salt: torch.Tensor) -> torch.Tensor:
+    """Dropout whose mask is a hash of (micro batch, layer, element index) instead of torch's random
+    numbers. Compiled, torch's dropout drew its numbers one element at a time: 8.5 ms for a [1600 x 576]
+    input forward and backward, and with 7 adapted layers per decoder layer, LoRA with dropout 0.05
+    trained at 489 tokens/s against 1313 without (bench/RESULTS.md). The hash is a few vectorized
+    integer operations, fused into the same kernel; its 16 low bits are uniform, so an element is
+    kept with probability 1 - p to 1/65536, and kept ones are scaled by 1 / (1 - p) as nn.Dropout does."""
+    from tunelab.training.optim import _hash32
+
+    seed = _hash32(DROPOUT_BATCH.to(x.device) ^ salt)
+    index = torch.arange(x.numel(), dtype=torch.int32, device=x.device).view(x.shape)
+    keep = (_hash32(index + seed) & 0xFFFF) >= round(p * 65536)
+    return x * keep * (1.0 / (1.0 - p))
+
+
+def _mix(*parts: int) -> int:
+    from tunelab.training.optim import _mix as mix
+
+    return mix(*parts) & 0x7FFFFFFF
 
 
 def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -37,6 +70,7 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
       instead of writing a scaled copy of the [tokens, out_features] one in every layer;
     - under autocast the input goes to A as it is; peft casts it to the adapter's fp32 first, only
       for autocast to cast it back, and that round trip shows up in the backward pass too.
+    - dropout's mask is hashed, not drawn (hashed_dropout).
     Any other case takes peft's own forward."""
     names = layer.active_adapters
     if (layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None or len(names) != 1
@@ -47,5 +81,8 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     if not torch.is_autocast_enabled(x.device.type):
         x = x.to(lora_a.weight.dtype)
-    update = lora_b(lora_a(layer.lora_dropout[name](x)) * layer.scaling[name])
+    dropout = layer.lora_dropout[name]
+    if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
+        x = hashed_dropout(x, dropout.p, layer.dropout_salt)
+    update = lora_b(lora_a(x) * layer.scaling[name])
     return (result + update).to(result.dtype)
