@@ -343,6 +343,37 @@ def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, m
     assert not plan(1000, method="qlora").compiled
 
 
+def test_plan_with_data_times_the_datas_own_batches(tiny_config, tiny_model_dir, monkeypatch, tmp_path):
+    """--data: the config's data encoded and batched as `tunelab train` will; the time is for its mean
+    micro batch (answers only for the head), the memory for its largest, not for max_seq_len rows."""
+    from tunelab.config import load_config
+    from tunelab.data.batching import largest_batch_tokens
+    from tunelab.data.prepare import prepare_data
+    from tunelab.models import load_tokenizer
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    monkeypatch.setattr("tunelab.planning.machine_rates", lambda: {"bf16": 1.0, "fp32": 0.2, "device": "cpu",
+                                                                   "name": "test cpu", "measured": "now"})
+    worst, real = tunelab.plan(tiny_config, devices=[]), tunelab.plan(tiny_config, devices=[], data=True)
+    cfg = load_config(tiny_config)
+    train = prepare_data(cfg.data, load_tokenizer(tiny_model_dir), cfg.seed, progress=False).train
+    lengths = [len(e.input_ids) for e in train]
+    d = real.data
+    assert worst.data is None and d.examples == len(train) and d.steps == 4
+    # the loop's own figure for the largest batch (2 epochs: 4 steps x 2 micro batches over len(train) rows)
+    epochs = -(-8 // -(-len(train) // 2))
+    assert d.largest_batch_tokens == largest_batch_tokens(lengths, 2, cfg.seed, epochs) == real.setup.tokens
+    assert d.mean_batch_tokens < d.largest_batch_tokens < 2 * 128
+    assert d.answer_fraction == pytest.approx(sum(e.n_targets for e in train) / sum(lengths)) and d.answer_fraction < 1
+    t, w = real.here.timing, worst.here.timing
+    assert t.step_s == pytest.approx(d.mean_batch_tokens * 2 / t.tokens_per_s) and t.total_s == pytest.approx(4 * t.step_s)
+    assert t.flops_per_token < w.flops_per_token and t.step_s < w.step_s / 2
+    assert real.peak_bytes < worst.peak_bytes
+    assert "the worst case" in str(worst) and "from this config's data" in str(real)
+    with pytest.raises(ConfigError, match="sft stage"):
+        tunelab.plan({**tiny_config, "stage": "dpo"}, devices=[], data=True)
+
+
 # --- the CLI and `tunelab train` ---------------------------------------------------------------
 
 def test_cli_plan_prints_json_and_exit_code():

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default=None, help="judge for this named device first (default: this machine)")
     pl.add_argument("--devices", default=None, help="comma list of devices to compare (default: all; 'none')")
     pl.add_argument("--steps", type=int, default=None, help="optimizer steps, for the total time")
+    pl.add_argument("--data", action="store_true",
+                    help="read and encode the config's data: time and memory for its real batches, not the worst case")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     d = sub.add_parser("data", help="data tools")
@@ -229,7 +231,7 @@ def _dispatch(a) -> int | None:
                               micro_batch_size=a.micro_batch_size, grad_accum_steps=a.grad_accum_steps,
                               gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, dtype=a.dtype,
                               optimizer=a.optimizer, device=a.device, devices=devices, steps=a.steps,
-                              overrides=a.set)
+                              overrides=a.set, data=a.data)
         print(json.dumps(result.to_dict(), indent=2) if a.json else result)
         return 0 if result.fits_here else 1
     elif a.command == "data":

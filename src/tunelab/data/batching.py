@@ -38,14 +38,20 @@ def epoch_order(lengths: list[int], micro_batch_size: int, seed: int, epoch: int
 
 def largest_batch_tokens(lengths: list[int], micro_batch_size: int, seed: int, epochs: int,
                          group_by_length: bool = False, packing: bool = True) -> int:
-    """The most tokens a micro batch of the first `epochs` epochs holds, as `collate` makes it
-    (bucketed; padded: rows x the longest): what a training step holds at most."""
+    """The most tokens a micro batch of the first `epochs` epochs holds: what a training step holds at most."""
+    return max(batch_token_counts(lengths, micro_batch_size, seed, epochs, group_by_length, packing))
+
+
+def batch_token_counts(lengths: list[int], micro_batch_size: int, seed: int, epochs: int,
+                       group_by_length: bool = False, packing: bool = True) -> list[int]:
+    """The tokens of each micro batch of the first `epochs` epochs, in the run's order, as `collate`
+    makes them (bucketed; padded: rows x the longest)."""
     def tokens(batch: list[int]) -> int:
         sizes = [lengths[i] for i in batch]
         return bucket_length(sum(sizes)) if packing else len(sizes) * bucket_length(max(sizes))
 
-    return max(tokens(batch) for epoch in range(epochs)
-               for batch in epoch_order(lengths, micro_batch_size, seed, epoch, group_by_length))
+    return [tokens(batch) for epoch in range(epochs)
+            for batch in epoch_order(lengths, micro_batch_size, seed, epoch, group_by_length)]
 
 
 def bucket_length(n: int) -> int:

@@ -44,6 +44,7 @@ class PlanResult:
     steps: int | None = None
     compiled: bool = False                    # whether the run's blocks will be torch.compile'd (its time)
     auto_checkpointing: bool = False          # train.gradient_checkpointing auto turned it on: needed to fit
+    data: "DataTokens | None" = None          # what the config's data brings to a step (plan --data); None: worst case
 
     @property
     def peak_bytes(self) -> float:
@@ -65,7 +66,7 @@ class PlanResult:
         b = self.breakdown
         return {"model": self.arch.name, "source": self.arch.source, "params": self.arch.n_params,
                 "trainable_params": b.trainable_params, "setup": vars(self.setup), "compiled": self.compiled,
-                "auto_checkpointing": self.auto_checkpointing,
+                "auto_checkpointing": self.auto_checkpointing, "data": vars(self.data) if self.data else None,
                 "peak_gb": round(b.peak / 1e9, 3), "terms_gb": {k: round(v / 1e9, 3) for k, v in b.terms.items()},
                 "devices": [{"device": v.device.name, "dtype": v.dtype, "peak_gb": round(v.peak_bytes / 1e9, 2),
                              "usable_gb": v.device.usable_gb, "status": v.status, "advice": v.advice,
@@ -84,7 +85,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
          lora_rank: int | None = None, dtype: str | None = None, optimizer: str | None = None,
          device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
          steps: int | None = None, overrides=None, timing: bool = True, processes: int = 1,
-         batch_tokens: int | None = None) -> PlanResult:
+         batch_tokens: int | None = None, data: bool = False) -> PlanResult:
     """Predict peak memory and time of a training run, here and on named devices.
 
     Args:
@@ -102,6 +103,9 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
         batch_tokens: the data's largest micro batch in tokens, where known (the training loop
             knows it once the data is encoded); default: the worst case, micro_batch_size rows of
             max_seq_len tokens.
+        data: read, encode and batch the config's training data as `tunelab train` will (sft
+            stage; through the tokenized cache, which the run then reuses): the time is for its
+            real micro batches, the memory for its largest, and steps default to its epochs'.
 
     With train.gradient_checkpointing auto (None) and no `gradient_checkpointing` given, the plan
     resolves it as `tunelab train` does: on only if the run does not fit on the first device
@@ -131,7 +135,15 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     _check(s, s.optimizer)
     arch = resolve_arch(model or cfg.model.ref)
     wanted_dtype = dtype or cfg.model.dtype
-    steps = steps or cfg.train.max_steps
+    tokens_of_data = None
+    if data:
+        from tunelab.planning.data import data_tokens
+
+        tokens_of_data = data_tokens(cfg)
+        s = replace(s, batch_tokens=batch_tokens or tokens_of_data.largest_batch_tokens,
+                    mean_batch_tokens=tokens_of_data.mean_batch_tokens,
+                    answer_fraction=tokens_of_data.answer_fraction, attention_len=tokens_of_data.attention_len)
+    steps = steps or cfg.train.max_steps or (tokens_of_data.steps if tokens_of_data else None)
     rates = machine_rates() if timing else None
     first = [this_machine(rates)] if device in (None, "here") else [get_device(device)]
     others = [get_device(d) for d in (devices if devices is not None else list(DEVICES))]
@@ -145,17 +157,17 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     verdicts = [judge(arch, s, d, wanted_dtype, steps if timing else None, timing, compiled=compiled)
                 for d in first + [d for d in others if d.name != first[0].name]]
     b = breakdown(arch, replace(s, compute_dtype=verdicts[0].dtype), verdicts[0].device.kind)
-    return PlanResult(arch, s, b, verdicts, steps, compiled, auto_checkpointing=auto)
+    return PlanResult(arch, s, b, verdicts, steps, compiled, auto_checkpointing=auto, data=tokens_of_data)
 
 
 def _compiled(cfg, s: Setup, steps: int | None) -> bool:
     """train.compile as the training loop resolves it; for auto, the loop counts the data's real
-    tokens, the plan its worst case (steps x micro batches of max_seq_len tokens)."""
+    tokens, the plan its worst case (steps x micro batches of max_seq_len tokens) unless it read the data."""
     if cfg.train.compile is not None:
         return bool(cfg.train.compile)
     from tunelab.training.loop import AUTO_COMPILE_TOKENS
 
-    tokens = (steps or 0) * s.tokens * s.grad_accum_steps
+    tokens = (steps or 0) * (s.mean_batch_tokens or s.tokens) * s.grad_accum_steps
     quantized_base = cfg.model.quantization is not None or s.method == "qlora"  # the loop leaves those eager
     return tokens >= AUTO_COMPILE_TOKENS and not quantized_base
 
@@ -308,7 +320,7 @@ def _is_model_config(x) -> bool:
 def _config(config_or_path, model, overrides):
     """The run config to plan; data.train may be empty (the plan needs no data)."""
     from tunelab.config import RunConfig
-    from tunelab.config.load import _build, _parse_overrides, _set_dotted, read_yaml
+    from tunelab.config.load import _build, _parse_overrides, _resolve_data_paths, _set_dotted, read_yaml
 
     if isinstance(config_or_path, RunConfig) and not overrides:
         cfg = config_or_path
@@ -325,6 +337,8 @@ def _config(config_or_path, model, overrides):
         cfg = _build(RunConfig, raw, "", problems)
         if problems:
             raise ConfigError(problems)
+        if p is not None:  # as load_config: a relative data path may be beside the config (plan --data)
+            _resolve_data_paths(cfg, p.parent)
     return cfg
 
 

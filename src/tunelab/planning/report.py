@@ -39,6 +39,7 @@ def format_plan(r) -> str:
         f"x {s.grad_accum_steps} accumulation, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}"
         f"{auto}; "
         f"trainable {b.trainable_params / 1e6:.2f}M",
+        _data_line(r),
         "",
         f"peak memory on {here.device.name}:",
     ]
@@ -73,3 +74,14 @@ def format_plan(r) -> str:
     for advice in here.advice:
         lines.append(f"advice:  {advice}")
     return "\n".join(lines)
+
+
+def _data_line(r) -> str:
+    """What the time and memory assume about the batches: the data's own (--data) or the worst case."""
+    d = r.data
+    if d is None:
+        return ("tokens  the worst case: every row max_seq_len tokens long, all of them answers (a config's "
+                "own data is mostly shorter: `tunelab plan CONFIG --data` reads it)")
+    return (f"tokens  from this config's data: {d.examples} examples, {d.mean_batch_tokens:.0f} tokens a micro batch "
+            f"on average (largest {d.largest_batch_tokens}), {d.answer_fraction:.0%} of them answers; "
+            f"{d.steps} steps")

@@ -84,14 +84,15 @@ def flops_per_token(arch: Arch, s: Setup) -> float:
     forward of the decoder's layers (2N without the head: the loss makes the head's gradients in its
     forward, so nothing of it is recomputed). The output head's share of N runs on answer tokens
     only (the loss never applies it to the prompt's). Causal attention adds 6 x layers x q_dim x seq
-    (scores and values, forward and backward, half the pairs for the mask)."""
+    (scores and values, forward and backward, half the pairs for the mask); with the data known,
+    its examples' sum(L^2) / sum(L) instead of seq."""
     head = arch.vocab_size * arch.hidden_size
     n = arch.linear_params + head * s.answer_fraction  # matmul parameters, the head where it runs
     if s.method == "full":
         base = 6.0 * n
     else:
         base = 4.0 * n + 6.0 * arch.lora_params(s.lora_rank, s.lora_targets)
-    attention = 6.0 * arch.num_layers * arch.q_dim * s.max_seq_len
+    attention = 6.0 * arch.num_layers * arch.q_dim * (s.attention_len or s.max_seq_len)
     return base + recompute_flops(arch, s) + attention
 
 
@@ -158,7 +159,7 @@ def estimate(arch: Arch, s: Setup, peak_tflops: float, kind: str, steps: int | N
         rate /= QLORA_CPU_SLOWDOWN
     fpt = flops_per_token(arch, s)
     tps = rate / (fpt - (1.0 - RECOMPUTE_TIME_WEIGHT[s.method]) * recompute_flops(arch, s))
-    step_tokens = s.tokens * s.grad_accum_steps
+    step_tokens = (s.mean_batch_tokens or s.tokens) * s.grad_accum_steps
     step_s = step_tokens / tps
     return Timing(fpt, tps, step_s, step_s * steps if steps else None, peak_tflops, rate_source, eff)
 

@@ -1,0 +1,49 @@
+"""What a config's own data brings to a training step, for `tunelab plan CONFIG --data`.
+
+Without it the plan takes the worst case: every row max_seq_len tokens long, all of them answers.
+Real instruction data is mostly far shorter (the alpaca demo: ~190 tokens a row against 512), so
+the worst case's time can be 2-3x the run's. Here the data is read, split and encoded as `tunelab
+train` does (through the tokenized cache, which the run then reuses) and batched in the run's own
+order, so the plan gets the tokens of a real micro batch: the mean for the time, the largest for
+the memory.
+"""
+
+import math
+from dataclasses import dataclass
+
+from tunelab.data.batching import batch_token_counts
+from tunelab.errors import ConfigError
+
+
+@dataclass
+class DataTokens:
+    examples: int
+    mean_batch_tokens: float   # a micro batch's tokens on average (as collate makes them: bucketed)
+    largest_batch_tokens: int  # the most a micro batch of the run holds: what memory must take
+    answer_fraction: float     # share of the tokens that are trained answers (the head runs on them)
+    attention_len: float       # sum(L^2) / sum(L) over the examples: the causal attention's mean span, x2
+    steps: int                 # the run's optimizer steps (train.max_steps, else its epochs)
+
+
+def data_tokens(cfg) -> DataTokens:
+    """Encode the config's training data (sft stage) and measure what its micro batches hold."""
+    from tunelab.data.prepare import prepare_data
+    from tunelab.models.load import load_tokenizer, local_folder, run_model_dir
+    from tunelab.models.resolve import resolve_model
+
+    if cfg.stage != "sft":
+        raise ConfigError(f"plan with data: reads the sft stage's data; this config's stage is {cfg.stage!r}. "
+                          "Plan it without --data (the worst case)")
+    source = resolve_model(cfg.model.ref)
+    folder = run_model_dir(source.path) if source.kind == "run" else local_folder(source, cfg.model.revision)
+    tokenizer = load_tokenizer(folder, cfg.model.chat_template, cfg.model.trust_remote_code)
+    train = prepare_data(cfg.data, tokenizer, cfg.seed, progress=False).train
+    lengths = [len(e.input_ids) for e in train]
+    t = cfg.train
+    batches_per_epoch = math.ceil(len(train) / t.micro_batch_size)
+    steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(batches_per_epoch / t.grad_accum_steps)))
+    epochs = math.ceil(steps * t.grad_accum_steps / batches_per_epoch)
+    counts = batch_token_counts(lengths, t.micro_batch_size, cfg.seed, epochs, t.group_by_length, t.packing)
+    answers = sum(e.n_targets for e in train)
+    return DataTokens(len(train), sum(counts) / len(counts), max(counts), answers / max(1, sum(lengths)),
+                      sum(n * n for n in lengths) / max(1, sum(lengths)), steps)
