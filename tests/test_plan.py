@@ -347,7 +347,7 @@ def test_plan_with_data_times_the_datas_own_batches(tiny_config, tiny_model_dir,
     """--data: the config's data encoded and batched as `tunelab train` will; the time is for its mean
     micro batch (answers only for the head), the memory for its largest, not for max_seq_len rows."""
     from tunelab.config import load_config
-    from tunelab.data.batching import largest_batch_tokens
+    from tunelab.data.batching import bucket_length, largest_batch_tokens
     from tunelab.data.prepare import prepare_data
     from tunelab.models import load_tokenizer
 
@@ -370,6 +370,10 @@ def test_plan_with_data_times_the_datas_own_batches(tiny_config, tiny_model_dir,
     assert t.flops_per_token < w.flops_per_token and t.step_s < w.step_s / 2
     assert real.peak_bytes < worst.peak_bytes
     assert "the worst case" in str(worst) and "from this config's data" in str(real)
+    shorter = tunelab.plan(tiny_config, devices=[], data=True, max_seq_len=44, micro_batch_size=1)  # overrides count
+    assert shorter.data.largest_batch_tokens <= bucket_length(44) < d.largest_batch_tokens
+    with pytest.raises(ConfigError, match="max_seq_len=4; raise"):
+        tunelab.plan(tiny_config, devices=[], data=True, max_seq_len=4)
     with pytest.raises(ConfigError, match="sft stage"):
         tunelab.plan({**tiny_config, "stage": "dpo"}, devices=[], data=True)
 

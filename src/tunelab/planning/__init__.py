@@ -139,7 +139,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     if data:
         from tunelab.planning.data import data_tokens
 
-        tokens_of_data = data_tokens(cfg)
+        tokens_of_data = data_tokens(cfg, s)
         s = replace(s, batch_tokens=batch_tokens or tokens_of_data.largest_batch_tokens,
                     mean_batch_tokens=tokens_of_data.mean_batch_tokens,
                     answer_fraction=tokens_of_data.answer_fraction, attention_len=tokens_of_data.attention_len)

@@ -25,8 +25,11 @@ class DataTokens:
     steps: int                 # the run's optimizer steps (train.max_steps, else its epochs)
 
 
-def data_tokens(cfg) -> DataTokens:
-    """Encode the config's training data (sft stage) and measure what its micro batches hold."""
+def data_tokens(cfg, s) -> DataTokens:
+    """Encode the config's training data (sft stage) and measure what its micro batches hold, at the
+    plan's max_seq_len, micro batch and accumulation (the config's, or what the plan overrides)."""
+    from dataclasses import replace
+
     from tunelab.data.prepare import prepare_data
     from tunelab.models.load import load_tokenizer, local_folder, run_model_dir
     from tunelab.models.resolve import resolve_model
@@ -37,13 +40,16 @@ def data_tokens(cfg) -> DataTokens:
     source = resolve_model(cfg.model.ref)
     folder = run_model_dir(source.path) if source.kind == "run" else local_folder(source, cfg.model.revision)
     tokenizer = load_tokenizer(folder, cfg.model.chat_template, cfg.model.trust_remote_code)
-    train = prepare_data(cfg.data, tokenizer, cfg.seed, progress=False).train
+    train = prepare_data(replace(cfg.data, max_seq_len=s.max_seq_len), tokenizer, cfg.seed, progress=False).train
+    if not train:
+        raise ConfigError(f"plan with data: no training example of {cfg.data.train} keeps an answer token within "
+                          f"max_seq_len={s.max_seq_len}; raise max_seq_len")
     lengths = [len(e.input_ids) for e in train]
     t = cfg.train
-    batches_per_epoch = math.ceil(len(train) / t.micro_batch_size)
-    steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(batches_per_epoch / t.grad_accum_steps)))
-    epochs = math.ceil(steps * t.grad_accum_steps / batches_per_epoch)
-    counts = batch_token_counts(lengths, t.micro_batch_size, cfg.seed, epochs, t.group_by_length, t.packing)
+    batches_per_epoch = math.ceil(len(train) / s.micro_batch_size)
+    steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(batches_per_epoch / s.grad_accum_steps)))
+    epochs = math.ceil(steps * s.grad_accum_steps / batches_per_epoch)
+    counts = batch_token_counts(lengths, s.micro_batch_size, cfg.seed, epochs, t.group_by_length, t.packing)
     answers = sum(e.n_targets for e in train)
     return DataTokens(len(train), sum(counts) / len(counts), max(counts), answers / max(1, sum(lengths)),
                       sum(n * n for n in lengths) / max(1, sum(lengths)), steps)
