@@ -81,7 +81,7 @@ def test_accumulation_equals_the_large_batch(tiny_config):
 
 def test_resume_continues_with_the_same_losses(tiny_config):
     base = {**tiny_config, "train": {**tiny_config["train"], "max_steps": 6, "save_every_n_steps": 3},
-            "lora": {**tiny_config["lora"], "dropout": 0.1}}  # dropout: the resumed masks must be the same (hashed by micro batch)
+            "lora": {**tiny_config["lora"], "dropout": 0.1}}  # dropout: masks hashed by micro batch
     straight = losses(tunelab.train({**base, "name": "straight"}, quiet=True).run_dir)
     train_until_first_checkpoint({**base, "name": "resumed"})  # dies after its step-3 checkpoint
     result = tunelab.train({**base, "name": "resumed"}, resume=True, quiet=True)
