@@ -394,21 +394,73 @@ def test_cli_plan_prints_json_and_exit_code():
     assert proc.returncode == 1 and "does NOT fit" in proc.stdout and "advice:" in proc.stdout
 
 
-def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config, monkeypatch):
+def _machine_with(monkeypatch, usable_bytes: float) -> None:
+    """This machine, as the plan sees it, with `usable_bytes` of memory."""
+    import tunelab.planning as planning
+    from tunelab.planning.devices import Device
+
+    box = Device("small box", "cpu", usable_bytes / 1e9 + 1, usable_bytes / 1e9, 0.0, "fp32")
+    monkeypatch.setattr(planning, "this_machine", lambda rates=None: box)
+
+
+def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config, monkeypatch, tmp_path, capsys):
+    """The worst case (every row max_seq_len long) not fitting stops nothing by itself: the data's own
+    largest micro batch is planned first, and only a run where that does not fit either is refused,
+    with the advice, before any weight loads."""
     import tunelab.models.load as load
 
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     calls = []
     real = load.load_model
     monkeypatch.setattr(load, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
-    huge = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 100_000, "max_steps": 1, "compile": False})
+    huge = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 64, "max_steps": 1, "compile": False})
     huge["data"] = {**tiny_config["data"], "max_seq_len": 1024}
+    worst = tunelab.plan(huge, devices=[], timing=False)
+    real_rows = tunelab.plan(huge, devices=[], timing=False, data=True)
+    assert real_rows.data.largest_batch_tokens < 64 * 1024 and real_rows.peak_bytes < worst.peak_bytes / 4
+
+    _machine_with(monkeypatch, real_rows.peak_bytes * 0.97)  # fits neither way as it is
     with pytest.raises(RunError, match="--force") as err:
         tunelab.train(huge, quiet=True)
-    assert "Cheapest change that fits: train.micro_batch_size=" in str(err.value)
-    assert "every row is data.max_seq_len=1024 tokens long: `tunelab data inspect`" in str(err.value)
+    assert "Cheapest change that fits:" in str(err.value)
+    assert f"this data's largest micro batch ({real_rows.data.largest_batch_tokens} tokens)" in str(err.value)
     assert calls == []  # stopped before any weight loaded
     result = tunelab.train(huge, quiet=True, force=True)
     assert calls and result.steps == 1
+
+    calls.clear()
+    _machine_with(monkeypatch, (real_rows.peak_bytes + worst.peak_bytes) / 2)  # the real rows fit
+    capsys.readouterr()
+    assert tunelab.train(huge, quiet=True).steps == 1 and calls
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"this data's largest micro batch holds {real_rows.data.largest_batch_tokens} tokens" in said
+
+
+def test_advice_batches_the_data_again_for_a_smaller_micro_batch(tiny_config, monkeypatch, tmp_path):
+    """Once the plan knows the data, a smaller micro batch or shorter rows are planned with the data
+    batched that way (not with the first plan's largest batch, which no smaller micro batch would
+    shrink); without the data, bounded by the new worst case and the old batch."""
+    from dataclasses import replace
+
+    from tunelab.data.batching import largest_batch_tokens
+    from tunelab.planning import _rows
+    from tunelab.planning.memory import Setup
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    cfg = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 8, "grad_accum_steps": 1})
+    planned = tunelab.plan(cfg, devices=[], timing=False, data=True)
+    s = planned.setup
+    two = _rows(s, micro_batch_size=2, grad_accum_steps=4)
+    assert two["batch_tokens"] < s.batch_tokens == planned.data.largest_batch_tokens
+    assert two["batch_tokens"] == planned.data.largest_for(2, s.max_seq_len)
+    assert _rows(s, max_seq_len=16)["batch_tokens"] <= largest_batch_tokens([16] * 8, 8, 0, 1) < s.batch_tokens
+
+    worst_only = Setup(method="lora", max_seq_len=1024, micro_batch_size=8, grad_accum_steps=1, batch_tokens=3000)
+    assert _rows(replace(worst_only, batch_tokens=None), micro_batch_size=2) == {"micro_batch_size": 2}
+    assert _rows(worst_only, micro_batch_size=2)["batch_tokens"] == 2048  # at most 2 rows of 1024
+    assert _rows(worst_only, micro_batch_size=4)["batch_tokens"] == 3000  # 4 rows may hold all of it
+    assert _rows(worst_only, max_seq_len=256)["batch_tokens"] == 2048
+    assert _rows(worst_only, micro_batch_size=16)["batch_tokens"] == 6000  # more rows: more tokens
 
 
 def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(tiny_config, monkeypatch, tmp_path,
@@ -416,9 +468,6 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
     import yaml
     from conftest import train_until_first_checkpoint
     from transformers import PreTrainedModel
-
-    import tunelab.planning as planning
-    from tunelab.planning.devices import Device
 
     # answers longer than max_seq_len: every micro batch is the plan's worst case, 8 rows of 1024 tokens
     long_rows = tmp_path / "long.jsonl"
@@ -436,8 +485,7 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
                         lambda self, *a, **k: enabled.append(True) or real_enable(self, *a, **k))
 
     def machine_with(usable_bytes):
-        box = Device("small box", "cpu", usable_bytes / 1e9 + 1, usable_bytes / 1e9, 0.0, "fp32")
-        monkeypatch.setattr(planning, "this_machine", lambda rates=None: box)
+        _machine_with(monkeypatch, usable_bytes)
 
     def trained_with(train_overrides, config=cfg):
         run = tunelab.train(dict(config, train={**config["train"], **train_overrides}), quiet=True)

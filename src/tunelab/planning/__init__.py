@@ -65,8 +65,8 @@ class PlanResult:
     def to_dict(self) -> dict:
         b = self.breakdown
         return {"model": self.arch.name, "source": self.arch.source, "params": self.arch.n_params,
-                "trainable_params": b.trainable_params, "setup": vars(self.setup), "compiled": self.compiled,
-                "auto_checkpointing": self.auto_checkpointing, "data": vars(self.data) if self.data else None,
+                "trainable_params": b.trainable_params, "setup": {k: v for k, v in vars(self.setup).items() if k != "batch_tokens_for"}, "compiled": self.compiled,
+                "auto_checkpointing": self.auto_checkpointing, "data": self.data.to_dict() if self.data else None,
                 "peak_gb": round(b.peak / 1e9, 3), "terms_gb": {k: round(v / 1e9, 3) for k, v in b.terms.items()},
                 "devices": [{"device": v.device.name, "dtype": v.dtype, "peak_gb": round(v.peak_bytes / 1e9, 2),
                              "usable_gb": v.device.usable_gb, "status": v.status, "advice": v.advice,
@@ -141,6 +141,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
 
         tokens_of_data = data_tokens(cfg, s)
         s = replace(s, batch_tokens=batch_tokens or tokens_of_data.largest_batch_tokens,
+                    batch_tokens_for=None if batch_tokens else tokens_of_data.largest_for,
                     mean_batch_tokens=tokens_of_data.mean_batch_tokens,
                     answer_fraction=tokens_of_data.answer_fraction, attention_len=tokens_of_data.attention_len)
     steps = steps or cfg.train.max_steps or (tokens_of_data.steps if tokens_of_data else None)
@@ -209,11 +210,11 @@ def _candidates(arch: Arch, s: Setup, dev: Device) -> list[tuple[str, str, dict]
     out = []
     if s.micro_batch_size > 1:
         mbs = s.micro_batch_size // 2
-        while mbs > 1 and not fits(replace(s, micro_batch_size=mbs)):
+        while mbs > 1 and not fits(replace(s, **_rows(s, micro_batch_size=mbs))):
             mbs //= 2
         accum = max(1, s.grad_accum_steps * s.micro_batch_size // mbs)
         out.append((f"micro batch {mbs}", f"train.micro_batch_size={mbs} train.grad_accum_steps={accum} "
-                    "(same effective batch, same result)", {"micro_batch_size": mbs, "grad_accum_steps": accum}))
+                    "(same effective batch, same result)", _rows(s, micro_batch_size=mbs, grad_accum_steps=accum)))
     if not s.gradient_checkpointing:
         out.append(("grad ckpt", "train.gradient_checkpointing=true (same result, slower: LoRA ~30%, full ~10-15%)",
                     {"gradient_checkpointing": True}))
@@ -225,18 +226,31 @@ def _candidates(arch: Arch, s: Setup, dev: Device) -> list[tuple[str, str, dict]
         out.append(("step in backward", f"train.optimizer_in_backward=true train.max_grad_norm=0 "
                     + (f"train.micro_batch_size={mbs} train.grad_accum_steps=1 " if s.grad_accum_steps > 1 else "")
                     + "(each gradient freed at its weight's step; no gradient clipping)",
-                    {"optimizer_in_backward": True, "micro_batch_size": mbs, "grad_accum_steps": 1}))
+                    {"optimizer_in_backward": True, **_rows(s, micro_batch_size=mbs, grad_accum_steps=1)}))
     if s.method == "full":
         out.append(("lora", "method=lora (adapters on a frozen base)", {"method": "lora"}))
     if s.method in ("full", "lora"):
         out.append(("qlora", "method=qlora (LoRA on a 4-bit base; slower on a CPU)", {"method": "qlora"}))
     seq = s.max_seq_len // 2
-    while seq > 128 and not fits(replace(s, max_seq_len=seq)):
+    while seq > 128 and not fits(replace(s, **_rows(s, max_seq_len=seq))):
         seq //= 2
     if s.max_seq_len > 128:
         out.append((f"seq {max(seq, 128)}", f"data.max_seq_len={max(seq, 128)} (longer examples are cut)",
-                    {"max_seq_len": max(seq, 128)}))
+                    _rows(s, max_seq_len=max(seq, 128))))
     return out
+
+
+def _rows(s: Setup, **changes) -> dict:
+    """`changes` to a micro batch's rows or their length, with the data's largest micro batch (where the
+    plan knows it) anew: batched again with those rows and lengths where the plan read the data, else
+    bounded by the new worst case and by the old largest batch times the growth in rows."""
+    if s.batch_tokens is None:
+        return changes
+    rows = changes.get("micro_batch_size", s.micro_batch_size)
+    seq = changes.get("max_seq_len", s.max_seq_len)
+    if s.batch_tokens_for is not None:
+        return {**changes, "batch_tokens": s.batch_tokens_for(rows, seq)}
+    return {**changes, "batch_tokens": min(rows * seq, s.batch_tokens * max(1, -(-rows // s.micro_batch_size)))}
 
 
 def _fix(arch: Arch, s: Setup, dev: Device):
@@ -362,6 +376,9 @@ def checkpointing_needed(cfg, batch_tokens: int) -> bool:
 
 def check_fits(cfg, force: bool = False) -> "PlanResult | None":
     """`tunelab train`'s first step: stop a run predicted not to fit here, before any weight loads.
+    The prediction is for the worst case (every row max_seq_len tokens); where that does not fit, an
+    sft run is planned again with its data's own largest micro batch, and stopped only if that does
+    not fit either.
 
     Returns the plan (None when the model's architecture cannot be known without loading it: the
     run then goes on and the loader reports any problem). Raises RunError with the advice."""
@@ -376,6 +393,18 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
     v = result.here
     need = v.peak_bytes * procs
     status = _status(need, v.device)
+    if status == "does not fit" and not force and cfg.stage == "sft":
+        # the worst case has every row max_seq_len long; real rows are mostly far shorter, so before
+        # refusing, plan the data's own largest micro batch (encoded through the cache the run reuses)
+        worst = need
+        result = plan(cfg, devices=[], timing=False, processes=procs, data=True)
+        v = result.here
+        need = v.peak_bytes * procs
+        status = _status(need, v.device)
+        if status != "does not fit":
+            info(f"memory: the worst case (every row data.max_seq_len={cfg.data.max_seq_len} tokens) would need "
+                 f"{worst / 1e9:.1f} GB, more than the {v.device.usable_gb:.1f} GB usable here; this data's largest "
+                 f"micro batch holds {result.data.largest_batch_tokens} tokens and needs {need / 1e9:.1f} GB")
     if cfg.train.gradient_checkpointing is None:  # auto, resolved by the plan; config.yaml records it
         cfg.train.gradient_checkpointing = result.setup.gradient_checkpointing
         if result.auto_checkpointing:
@@ -387,8 +416,10 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
             + (f" ({procs} processes)" if procs > 1 else "")
             + f" and {v.device.name} has {v.device.usable_gb:.1f} GB usable, so it would run out of memory. "
             + " ".join(f"Cheapest change that fits: {a}." for a in v.advice)
-            + f" The check assumes every row is data.max_seq_len={cfg.data.max_seq_len} tokens long: `tunelab data"
-            " inspect` shows your rows' lengths, and a max_seq_len just above the longest cuts nothing."
+            + (f" That is for this data's largest micro batch ({result.data.largest_batch_tokens} tokens)."
+               if result.data else f" The check assumes every row is data.max_seq_len={cfg.data.max_seq_len} tokens"
+               " long: `tunelab data inspect` shows your rows' lengths, and a max_seq_len just above the longest"
+               " cuts nothing.")
             + " See the whole breakdown with `tunelab plan <config>`; train anyway with --force (force=True).")
     if status != "fits":
         info(f"[yellow]warning:[/] predicted peak memory {need / 1e9:.1f} GB of {v.device.usable_gb:.1f} GB usable "

@@ -9,7 +9,8 @@ the memory.
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from tunelab.data.batching import batch_token_counts
 from tunelab.errors import ConfigError
@@ -23,6 +24,12 @@ class DataTokens:
     answer_fraction: float     # share of the tokens that are trained answers (the head runs on them)
     attention_len: float       # sum(L^2) / sum(L) over the examples: the causal attention's mean span, x2
     steps: int                 # the run's optimizer steps (train.max_steps, else its epochs)
+    # (rows, max_seq_len) -> the largest micro batch with that many rows of at most that length, over
+    # the same steps and effective batch: what the advice's smaller micro batches and shorter rows hold
+    largest_for: "Callable[[int, int], int]" = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "largest_for"}
 
 
 def data_tokens(cfg, s) -> DataTokens:
@@ -51,5 +58,13 @@ def data_tokens(cfg, s) -> DataTokens:
     epochs = math.ceil(steps * s.grad_accum_steps / batches_per_epoch)
     counts = batch_token_counts(lengths, s.micro_batch_size, cfg.seed, epochs, t.group_by_length, t.packing)
     answers = sum(e.n_targets for e in train)
+    micro_batches = steps * s.grad_accum_steps * s.micro_batch_size  # rows over the run, as micro batches of 1
+
+    def largest_for(rows: int, max_seq_len: int) -> int:
+        batches = math.ceil(len(lengths) / rows)
+        cut = [min(n, max_seq_len) for n in lengths]  # an example cut shorter: roughly; it may also drop out
+        return max(batch_token_counts(cut, rows, cfg.seed, math.ceil(micro_batches / rows / batches),
+                                      t.group_by_length, t.packing))
+
     return DataTokens(len(train), sum(counts) / len(counts), max(counts), answers / max(1, sum(lengths)),
-                      sum(n * n for n in lengths) / max(1, sum(lengths)), steps)
+                      sum(n * n for n in lengths) / max(1, sum(lengths)), steps, largest_for)

@@ -17,6 +17,7 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   of this loop on a 4-layer and a 30-layer model, applied on CPUs only.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunelab.planning.arch import Arch
@@ -64,6 +65,8 @@ class Setup:
     batch_tokens: int | None = None      # the data's largest micro batch, once the loop knows its data
     mean_batch_tokens: float | None = None  # the data's mean micro batch (plan --data), for the time
     attention_len: float | None = None   # the data's sum(L^2) / sum(L) (plan --data); else max_seq_len
+    # (rows, max_seq_len) -> the data's largest micro batch batched so (plan --data): the advice's plans
+    batch_tokens_for: "Callable[[int, int], int] | None" = field(default=None, repr=False, compare=False)
 
     @property
     def bf16_weights(self) -> bool:
