@@ -62,7 +62,7 @@ def worker(spec: dict) -> None:
            "lora": {"rank": 16, "alpha": 32, "dropout": spec.get("dropout", 0.0), "target_modules": "all-linear"},
            "train": {"max_steps": spec["steps"], "micro_batch_size": spec["mbs"], "grad_accum_steps": 1,
                      "learning_rate": 2e-4 if spec["method"] != "full" else 2e-5, "warmup_steps": 0,
-                     "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": False,
+                     "eval_every_n_steps": 0, "save_every_n_steps": 0, "compile": spec.get("compile", False),
                      "gradient_checkpointing": spec.get("gc", False), "optimizer": spec.get("optimizer", "adamw"),
                      "weight_dtype": spec.get("weight_dtype", "fp32") if spec["method"] == "full" else "fp32",
                      "optimizer_in_backward": spec.get("in_backward", False),
@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
     p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16"], help="full fine-tuning's weights")
     p.add_argument("--optimizer-in-backward", action="store_true", help="train.optimizer_in_backward (no clipping)")
+    p.add_argument("--compile", action="store_true", help="compiled runs (train.compile true): what the plan's "
+                   "compiled terms are for")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -128,10 +130,11 @@ def main() -> None:
     for name, ref, method, seq, mbs, extra in jobs:
         spec = {"model": ref, "method": method, "seq": seq, "mbs": mbs, "steps": a.steps,
                 "data": str(data), "out": str(work / "runs"), "optimizer": a.optimizer,
-                "weight_dtype": a.weight_dtype, "in_backward": a.optimizer_in_backward, **extra}
+                "weight_dtype": a.weight_dtype, "in_backward": a.optimizer_in_backward, "compile": a.compile, **extra}
         pred = tunelab.plan(model=ref, method=method, max_seq_len=seq, micro_batch_size=mbs, grad_accum_steps=1,
                             gradient_checkpointing=extra.get("gc", False), devices=[], timing=False,
                             overrides=[f"lora.dropout={extra.get('dropout', 0.0)}", f"train.optimizer={a.optimizer}",
+                                       f"train.compile={str(a.compile).lower()}",
                                        *(["train.optimizer_in_backward=true", "train.max_grad_norm=0"]
                                          if a.optimizer_in_backward else [])]
                             + ([f"method={method}", f"train.weight_dtype={a.weight_dtype}"] if method == "full" else []))

@@ -343,6 +343,34 @@ def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, m
     assert not plan(1000, method="qlora").compiled
 
 
+def test_a_compiled_run_plans_a_share_of_the_eager_activations(tiny_config, monkeypatch, tmp_path):
+    """Compiled, the backward saves far less (bench/RESULTS.md: about half for LoRA): the plan takes
+    the measured share where the run surely compiles, and the eager figure where it cannot know."""
+    from tunelab.planning.memory import COMPILED_ACTIVATION_SHARE
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+
+    def activations(config=tiny_config, **kw):
+        result = tunelab.plan(config, devices=[], timing=False, **kw)
+        return result.breakdown.terms["activations"], result.setup.compiled
+
+    eager, was_compiled = activations(compiled=False)
+    assert not was_compiled
+    for method in ("lora", "full"):
+        config = dict(tiny_config, method=method)
+        assert activations(config, compiled=True)[0] == pytest.approx(
+            COMPILED_ACTIVATION_SHARE[method] * activations(config, compiled=False)[0])
+    assert activations(compiled=True, gradient_checkpointing=True)[0] == activations(
+        compiled=False, gradient_checkpointing=True)[0]  # checkpointed: the same saved inputs
+    explicit = dict(tiny_config, train={**tiny_config["train"], "compile": True})
+    assert activations(explicit) == (pytest.approx(COMPILED_ACTIVATION_SHARE["lora"] * eager), True)
+    # auto: the worst case's 400k tokens would compile, but the real rows may not, so eager
+    many = dict(tiny_config, train={**tiny_config["train"], "max_steps": 1000})
+    assert tunelab.plan(many, devices=[]).compiled and activations(many) == (eager, False)
+    # with the data read, auto is resolved as the loop will: 1000 steps of its rows compile, 4 do not
+    assert activations(many, data=True)[1] and not activations(tiny_config, data=True)[1]
+
+
 def test_plan_with_data_times_the_datas_own_batches(tiny_config, tiny_model_dir, monkeypatch, tmp_path):
     """--data: the config's data encoded and batched as `tunelab train` will; the time is for its mean
     micro batch (answers only for the head), the memory for its largest, not for max_seq_len rows."""

@@ -85,7 +85,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
          lora_rank: int | None = None, dtype: str | None = None, optimizer: str | None = None,
          device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
          steps: int | None = None, overrides=None, timing: bool = True, processes: int = 1,
-         batch_tokens: int | None = None, data: bool = False) -> PlanResult:
+         batch_tokens: int | None = None, data: bool = False, compiled: bool | None = None) -> PlanResult:
     """Predict peak memory and time of a training run, here and on named devices.
 
     Args:
@@ -106,6 +106,10 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
         data: read, encode and batch the config's training data as `tunelab train` will (sft
             stage; through the tokenized cache, which the run then reuses): the time is for its
             real micro batches, the memory for its largest, and steps default to its epochs'.
+        compiled: whether the run compiles (default: train.compile as the loop resolves it). A
+            compiled run saves less for the backward; the memory counts that where the run surely
+            compiles (train.compile true, this argument, or auto with the data read: the worst
+            case's rows may pass auto's threshold where the real, shorter ones do not).
 
     With train.gradient_checkpointing auto (None) and no `gradient_checkpointing` given, the plan
     resolves it as `tunelab train` does: on only if the run does not fit on the first device
@@ -145,10 +149,13 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
                     mean_batch_tokens=tokens_of_data.mean_batch_tokens,
                     answer_fraction=tokens_of_data.answer_fraction, attention_len=tokens_of_data.attention_len)
     steps = steps or cfg.train.max_steps or (tokens_of_data.steps if tokens_of_data else None)
+    will_compile = _compiled(cfg, s, steps) if compiled is None else compiled
+    surely = compiled is not None or cfg.train.compile is not None or tokens_of_data is not None
+    s = replace(s, compiled=will_compile and surely)
     rates = machine_rates() if timing else None
     first = [this_machine(rates)] if device in (None, "here") else [get_device(device)]
     others = [get_device(d) for d in (devices if devices is not None else list(DEVICES))]
-    compiled = timing and _compiled(cfg, s, steps)
+    compiled = timing and will_compile
     checkpointed = replace(s, gradient_checkpointing=True)
     auto = (gradient_checkpointing is None and cfg.train.gradient_checkpointing is None
             and not _can_run(arch, s, first[0], wanted_dtype, processes)
@@ -363,14 +370,14 @@ def _local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def checkpointing_needed(cfg, batch_tokens: int) -> bool:
+def checkpointing_needed(cfg, batch_tokens: int, compiled: bool = False) -> bool:
     """Whether the run does not fit here without gradient checkpointing when its largest micro batch
     holds `batch_tokens` tokens. `tunelab train` asks once its data is encoded, where `check_fits`
     turned checkpointing on for the worst case: real batches are often far shorter (SmolLM2-1.7B's
     LoRA on the alpaca demo here: 8 GB without it, 22% faster than with it)."""
     procs = _local_processes()
     result = plan(cfg, devices=[], timing=False, processes=procs, gradient_checkpointing=False,
-                  batch_tokens=batch_tokens)
+                  batch_tokens=batch_tokens, compiled=compiled)
     return _status(result.here.peak_bytes * procs, result.here.device) == "does not fit"
 
 

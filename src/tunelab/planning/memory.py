@@ -15,6 +15,10 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   widths, i MLP width). On a CPU, glibc's heap keeps freed activation memory mapped, so peak RSS
   is ~1.6x (full) / ~1.8x (LoRA) the saved bytes, plus ~2 bytes x vocab per token: fitted to runs
   of this loop on a 4-layer and a 30-layer model, applied on CPUs only.
+- compiled (train.compile), torch.compile's partitioner saves far less for the backward (it
+  recomputes the cheap elementwise work instead), so on a CPU a compiled run's activation term is a
+  measured share of the eager one's (COMPILED_ACTIVATION_SHARE; not with gradient checkpointing,
+  whose saved inputs are the same either way).
 """
 
 from collections.abc import Callable
@@ -30,6 +34,11 @@ CHUNK = 256  # rows of the chunked cross-entropy (training/loss.py)
 CPU_RUNTIME_BYTES = 441 * MiB       # python + torch + transformers + peft + accelerate, imported
 CPU_MISC_BYTES = 30 * MiB           # tokenizer, encoded data, accelerate state
 CPU_HEAP_FACTOR = {"full": 1.63, "lora": 1.83, "qlora": 1.83}
+# A compiled run's activation term over the eager one's, on a CPU: bench/plan_accuracy.py --compile
+# against the same rows eager, SmolLM2-135M, AMX Xeon, 2026-12-07 (bench/RESULTS.md): LoRA 0.39-0.52,
+# full 0.26-0.41 over 256-4096 tokens a micro batch; the share falls as the batch grows, so the
+# figures below err long at large batches and short by <5% of the total at small ones
+COMPILED_ACTIVATION_SHARE = {"full": 0.30, "lora": 0.42}
 CPU_VOCAB_BYTES_PER_TOKEN = 2       # x vocab, per token of the micro batch: measured on a 4-layer and a
                                     # 30-layer model (the per-token growth that is not per layer)
 ADAMW_8BIT_BYTES = 2 + 2 * 4 / 256  # two uint8 moments, each with one fp32 scale per block of 256
@@ -65,6 +74,7 @@ class Setup:
     batch_tokens: int | None = None      # the data's largest micro batch, once the loop knows its data
     mean_batch_tokens: float | None = None  # the data's mean micro batch (plan --data), for the time
     attention_len: float | None = None   # the data's sum(L^2) / sum(L) (plan --data); else max_seq_len
+    compiled: bool = False               # train.compile as the loop resolves it (the plan: where it can know)
     # (rows, max_seq_len) -> the data's largest micro batch batched so (plan --data): the advice's plans
     batch_tokens_for: "Callable[[int, int], int] | None" = field(default=None, repr=False, compare=False)
 
@@ -177,6 +187,8 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     act = act_live * heap
     if kind == "cpu":
         act += CPU_VOCAB_BYTES_PER_TOKEN * arch.vocab_size * s.tokens
+        if s.compiled and not s.gradient_checkpointing:
+            act *= COMPILED_ACTIVATION_SHARE.get(s.method, 1.0)
     lg = logits_bytes(arch, s)
     # Peak is the larger of two moments: the start of backward (activations, logits chunk, the
     # bf16 weight copies; gradients exist only under accumulation) and the optimizer step (all
@@ -201,7 +213,9 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
                              else "8-bit AdamW: 2 x 1 byte + block scales"),
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
-                        + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")),
+                        + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")
+                        + (f"; compiled: x{COMPILED_ACTIVATION_SHARE[s.method]:.2f}" if kind == "cpu" and s.compiled
+                           and not s.gradient_checkpointing and s.method in COMPILED_ACTIVATION_SHARE else "")),
         **({"gradients": "stepped in backward: one block's and the embedding's at once"}
            if s.optimizer_in_backward else {}),
         "logits and loss": f"{min(CHUNK, int(s.tokens * s.answer_fraction))} rows x {arch.vocab_size} vocab, chunked",

@@ -145,12 +145,16 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     info(f"data: {len(data.train)} train / {len(data.val)} validation sequences ({data.report['format']} format); "
          f"{total_steps} steps of {effective} examples ({total_steps / steps_per_epoch:.2f} epochs); run {run_dir}")
 
+    train_tokens = total_steps * effective * sum(len(e.input_ids) for e in data.train) / len(data.train)
+    # auto leaves a bitsandbytes base eager: its custom 4/8-bit kernels break compiled graphs
+    auto_compile = train_tokens >= AUTO_COMPILE_TOKENS and cfg.base_quantization is None
+    compiled = bool(cfg.train.compile or (cfg.train.compile is None and auto_compile))
     if fit is not None and fit.auto_checkpointing and cfg.train.gradient_checkpointing:
         # on for the plan's worst case (every row max_seq_len long); the batches that will run may fit without
         epochs = math.ceil(total_steps * micro_per_step / batches_per_epoch)
         largest = largest_batch_tokens([len(e.input_ids) for e in data.train], cfg.train.micro_batch_size, cfg.seed,
                                        epochs, cfg.train.group_by_length, cfg.train.packing)
-        if not checkpointing_needed(cfg, largest):
+        if not checkpointing_needed(cfg, largest, compiled):
             cfg.train.gradient_checkpointing = False
             info(f"gradient checkpointing off again (auto): this data's largest micro batch holds {largest} tokens, "
                  f"not the worst case's {cfg.train.micro_batch_size * cfg.data.max_seq_len}, and fits without it")
@@ -177,10 +181,6 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
          f"device {accelerator.device.type}"
          + (f", {threads} threads" if threads else ""))
 
-    train_tokens = total_steps * effective * sum(len(e.input_ids) for e in data.train) / len(data.train)
-    # auto leaves a bitsandbytes base eager: its custom 4/8-bit kernels break compiled graphs
-    auto_compile = train_tokens >= AUTO_COMPILE_TOKENS and cfg.base_quantization is None
-    compiled = bool(cfg.train.compile or (cfg.train.compile is None and auto_compile))
     if compiled:
         compile_blocks(model)
         info(f"compiling the model with torch.compile (the first step takes longer; ~{train_tokens / 1e3:.0f}k "
