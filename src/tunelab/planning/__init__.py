@@ -65,8 +65,8 @@ class PlanResult:
     def to_dict(self) -> dict:
         b = self.breakdown
         return {"model": self.arch.name, "source": self.arch.source, "params": self.arch.n_params,
-                "trainable_params": b.trainable_params, "setup": {k: v for k, v in vars(self.setup).items() if k != "batch_tokens_for"}, "compiled": self.compiled,
-                "auto_checkpointing": self.auto_checkpointing, "data": self.data.to_dict() if self.data else None,
+                "trainable_params": b.trainable_params, "setup": _values(self.setup), "compiled": self.compiled,
+                "auto_checkpointing": self.auto_checkpointing, "data": _values(self.data) if self.data else None,
                 "peak_gb": round(b.peak / 1e9, 3), "terms_gb": {k: round(v / 1e9, 3) for k, v in b.terms.items()},
                 "devices": [{"device": v.device.name, "dtype": v.dtype, "peak_gb": round(v.peak_bytes / 1e9, 2),
                              "usable_gb": v.device.usable_gb, "status": v.status, "advice": v.advice,
@@ -77,6 +77,11 @@ class PlanResult:
         from tunelab.planning.report import format_plan
 
         return format_plan(self)
+
+
+def _values(record) -> dict:
+    """A dataclass's fields for JSON: the functions some carry (the data's rebatching) left out."""
+    return {k: v for k, v in vars(record).items() if not callable(v)}
 
 
 def plan(config_or_path=None, *, model: str | None = None, method: str | None = None,

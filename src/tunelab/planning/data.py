@@ -28,9 +28,6 @@ class DataTokens:
     # the same steps and effective batch: what the advice's smaller micro batches and shorter rows hold
     largest_for: "Callable[[int, int], int]" = field(repr=False, compare=False)
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "largest_for"}
-
 
 def data_tokens(cfg, s) -> DataTokens:
     """Encode the config's training data (sft stage) and measure what its micro batches hold, at the
@@ -58,12 +55,12 @@ def data_tokens(cfg, s) -> DataTokens:
     epochs = math.ceil(steps * s.grad_accum_steps / batches_per_epoch)
     counts = batch_token_counts(lengths, s.micro_batch_size, cfg.seed, epochs, t.group_by_length, t.packing)
     answers = sum(e.n_targets for e in train)
-    micro_batches = steps * s.grad_accum_steps * s.micro_batch_size  # rows over the run, as micro batches of 1
+    rows_trained = steps * s.grad_accum_steps * s.micro_batch_size  # the same for any micro batch size
 
     def largest_for(rows: int, max_seq_len: int) -> int:
         batches = math.ceil(len(lengths) / rows)
         cut = [min(n, max_seq_len) for n in lengths]  # an example cut shorter: roughly; it may also drop out
-        return max(batch_token_counts(cut, rows, cfg.seed, math.ceil(micro_batches / rows / batches),
+        return max(batch_token_counts(cut, rows, cfg.seed, math.ceil(rows_trained / rows / batches),
                                       t.group_by_length, t.packing))
 
     return DataTokens(len(train), sum(counts) / len(counts), max(counts), answers / max(1, sum(lengths)),
