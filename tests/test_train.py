@@ -1,6 +1,10 @@
 """Training on a tiny random Llama: artifacts, loss, accumulation = large batch, resume = straight run."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,6 +252,22 @@ def test_compiled_training_matches_eager(tiny_config, method, dtype):
     assert losses(compiled.run_dir) == pytest.approx(eager, rel=1e-4 if dtype == "fp32" else 1e-2)
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (compiled.run_dir / "final" / weights).is_file()
+
+
+def test_compiled_code_is_kept_with_tunelabs_caches_not_in_tmp(tmp_path):
+    """torch.compile's cache defaults to /tmp, which a boot may empty: a training process keeps it in
+    TUNELAB_CACHE/torch_compile instead, where torch's compiler then finds it; a TORCHINDUCTOR_CACHE_DIR
+    already set wins. (A fresh process each: torch fixes the folder at its first compile.)"""
+    probe = ("from tunelab.training.loop import keep_compiled_code; kept = keep_compiled_code(); "
+             "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(kept, cache_dir())")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    for preset in (None, tmp_path / "mine"):
+        run_env = dict(env, TUNELAB_CACHE=str(tmp_path / "cache"),
+                       **({"TORCHINDUCTOR_CACHE_DIR": str(preset)} if preset else {}))
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=run_env, check=True)
+        kept, used = out.stdout.split()
+        assert kept == used == str(preset or tmp_path / "cache" / "torch_compile")
+        assert Path(used).is_dir()
 
 
 @pytest.mark.parametrize("fast_bf16", [False, True])

@@ -66,6 +66,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     from accelerate import Accelerator
 
     cfg = load_config(config, overrides)
+    keep_compiled_code()  # before anything imports bitsandbytes, whose import compiles and fixes the folder
     from tunelab.planning import check_fits, checkpointing_needed
 
     auto_checkpointing = cfg.train.gradient_checkpointing is None  # before check_fits resolves it
@@ -358,6 +359,19 @@ ACTIVATION_MEMORY_BUDGET = 0.8
 # compile costs ~40 s on a cold cache (~9 s cached) and trains ~1.5x the tokens/s (965 against 646 on
 # SmolLM2, LoRA): on a cold cache it pays back after ~80k tokens, about two minutes of training here
 AUTO_COMPILE_TOKENS = 80_000
+
+
+def keep_compiled_code() -> Path:
+    """Where torch.compile keeps what it builds: with tunelab's other caches (TUNELAB_CACHE,
+    ~/.cache/tunelab) in `torch_compile/`, unless TORCHINDUCTOR_CACHE_DIR is set (by the user, or
+    by torch once anything has compiled in this process). torch's default is a folder in /tmp, which many
+    systems empty at every boot; a LoRA run's first step then compiles for ~40 s instead of loading
+    its kernels in ~9 s (bench/RESULTS.md). Returns the folder."""
+    import os
+
+    from tunelab.models.load import cache_dir
+
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torch_compile")))
 
 
 def compile_blocks(model) -> None:
