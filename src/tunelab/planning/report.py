@@ -46,6 +46,8 @@ def format_plan(r) -> str:
     for k, v in b.terms.items():
         if v:
             note = b.notes.get(k, "")
+            if k == "activations" and r.compiled and not s.compiled and here.device.kind == "cpu":
+                note += "; eager: auto may compile, which saves ~half (sure once --data reads the rows)"
             lines.append(f"  {k:34} {_gb(v)}  {note}")
     lines.append(f"  {'peak':34} {_gb(b.peak)}  (gradients, the logits chunk and the step's temporaries are not "
                  "all alive at once)")
