@@ -52,16 +52,17 @@ def data_tokens(cfg, s) -> DataTokens:
     t = cfg.train
     batches_per_epoch = math.ceil(len(train) / s.micro_batch_size)
     steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(batches_per_epoch / s.grad_accum_steps)))
-    epochs = math.ceil(steps * s.grad_accum_steps / batches_per_epoch)
-    counts = batch_token_counts(lengths, s.micro_batch_size, cfg.seed, epochs, t.group_by_length, t.packing)
-    answers = sum(e.n_targets for e in train)
     rows_trained = steps * s.grad_accum_steps * s.micro_batch_size  # the same for any micro batch size
 
-    def largest_for(rows: int, max_seq_len: int) -> int:
-        batches = math.ceil(len(lengths) / rows)
-        cut = [min(n, max_seq_len) for n in lengths]  # an example cut shorter: roughly; it may also drop out
-        return max(batch_token_counts(cut, rows, cfg.seed, math.ceil(rows_trained / rows / batches),
-                                      t.group_by_length, t.packing))
+    def counts_for(rows: int, max_seq_len: int) -> list[int]:
+        """The run's micro batches of `rows` rows, over the epochs its steps reach, with rows cut at
+        `max_seq_len` (roughly: a cut example may also lose its answer and drop out)."""
+        epochs = math.ceil(rows_trained / rows / math.ceil(len(lengths) / rows))
+        cut = [min(n, max_seq_len) for n in lengths]
+        return batch_token_counts(cut, rows, cfg.seed, epochs, t.group_by_length, t.packing)
 
+    counts = counts_for(s.micro_batch_size, s.max_seq_len)
+    answers = sum(e.n_targets for e in train)
     return DataTokens(len(train), sum(counts) / len(counts), max(counts), answers / max(1, sum(lengths)),
-                      sum(n * n for n in lengths) / max(1, sum(lengths)), steps, largest_for)
+                      sum(n * n for n in lengths) / max(1, sum(lengths)), steps,
+                      lambda rows, max_seq_len: max(counts_for(rows, max_seq_len)))

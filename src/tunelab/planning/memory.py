@@ -185,10 +185,10 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     act_live = activations(arch, s)
     heap = CPU_HEAP_FACTOR.get(s.method, 1.9) if kind == "cpu" else 1.0
     act = act_live * heap
+    compiled_share = (COMPILED_ACTIVATION_SHARE.get(s.method) if kind == "cpu" and s.compiled
+                      and not s.gradient_checkpointing else None)
     if kind == "cpu":
-        act += CPU_VOCAB_BYTES_PER_TOKEN * arch.vocab_size * s.tokens
-        if s.compiled and not s.gradient_checkpointing:
-            act *= COMPILED_ACTIVATION_SHARE.get(s.method, 1.0)
+        act = (act + CPU_VOCAB_BYTES_PER_TOKEN * arch.vocab_size * s.tokens) * (compiled_share or 1.0)
     lg = logits_bytes(arch, s)
     # Peak is the larger of two moments: the start of backward (activations, logits chunk, the
     # bf16 weight copies; gradients exist only under accumulation) and the optimizer step (all
@@ -214,8 +214,7 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
                         + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")
-                        + (f"; compiled: x{COMPILED_ACTIVATION_SHARE[s.method]:.2f}" if kind == "cpu" and s.compiled
-                           and not s.gradient_checkpointing and s.method in COMPILED_ACTIVATION_SHARE else "")),
+                        + (f"; compiled: x{compiled_share:.2f}" if compiled_share else "")),
         **({"gradients": "stepped in backward: one block's and the embedding's at once"}
            if s.optimizer_in_backward else {}),
         "logits and loss": f"{min(CHUNK, int(s.tokens * s.answer_fraction))} rows x {arch.vocab_size} vocab, chunked",

@@ -364,9 +364,9 @@ AUTO_COMPILE_TOKENS = 80_000
 def keep_compiled_code() -> Path:
     """Where torch.compile keeps what it builds: with tunelab's other caches (TUNELAB_CACHE,
     ~/.cache/tunelab) in `torch_compile/`, unless TORCHINDUCTOR_CACHE_DIR is set (by the user, or
-    by torch once anything has compiled in this process). torch's default is a folder in /tmp, which many
-    systems empty at every boot; a LoRA run's first step then compiles for ~40 s instead of loading
-    its kernels in ~9 s (bench/RESULTS.md). Returns the folder."""
+    by torch once anything has compiled in this process). torch's default is a folder in /tmp, which
+    many systems empty at every boot; examples/lora.yaml's first step then took 57 s to compile
+    instead of 10 s from the cache (bench/RESULTS.md). Returns the folder."""
     import os
 
     from tunelab.models.load import cache_dir
