@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tunelab
-from tunelab.errors import ConfigError, ModelError, RunError
+from tunelab.errors import ConfigError, DataError, ModelError, RunError
 from tunelab.planning import Setup, advise, judge
 from tunelab.planning.arch import from_table, read_config_json, resolve_arch
 from tunelab.planning.devices import Device, get_device, this_machine
@@ -351,7 +351,7 @@ def test_a_compiled_run_plans_a_share_of_the_eager_activations(tiny_config, monk
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
 
     def activations(config=tiny_config, **kw):
-        result = tunelab.plan(config, devices=[], timing=False, **kw)
+        result = tunelab.plan(config, devices=[], timing=False, **{"data": False, **kw})  # the worst case
         return result.breakdown.terms["activations"], result.setup.compiled
 
     eager, was_compiled = activations(compiled=False)
@@ -366,9 +366,9 @@ def test_a_compiled_run_plans_a_share_of_the_eager_activations(tiny_config, monk
     assert activations(explicit) == (pytest.approx(COMPILED_ACTIVATION_SHARE["lora"] * eager), True)
     # auto: the worst case's 400k tokens would compile, but the real rows may not, so eager
     many = dict(tiny_config, train={**tiny_config["train"], "max_steps": 1000})
-    unsure = tunelab.plan(many, devices=[])
+    unsure = tunelab.plan(many, devices=[], data=False)
     assert unsure.compiled and activations(many) == (eager, False) and "auto may compile" in str(unsure)
-    assert "auto may compile" not in str(tunelab.plan(explicit, devices=[]))
+    assert "auto may compile" not in str(tunelab.plan(explicit, devices=[], data=False))
     # with the data read, auto is resolved as the loop will: 1000 steps of its rows compile, 4 do not
     assert activations(many, data=True)[1] and not activations(tiny_config, data=True)[1]
 
@@ -384,7 +384,8 @@ def test_plan_with_data_times_the_datas_own_batches(tiny_config, tiny_model_dir,
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     monkeypatch.setattr("tunelab.planning.machine_rates", lambda: {"bf16": 1.0, "fp32": 0.2, "device": "cpu",
                                                                    "name": "test cpu", "measured": "now"})
-    worst, real = tunelab.plan(tiny_config, devices=[]), tunelab.plan(tiny_config, devices=[], data=True)
+    worst, real = tunelab.plan(tiny_config, devices=[], data=False), tunelab.plan(tiny_config, devices=[], data=True)
+    assert tunelab.plan(tiny_config, devices=[]).data == real.data  # a local data.train is read by default
     cfg = load_config(tiny_config)
     train = prepare_data(cfg.data, load_tokenizer(tiny_model_dir), cfg.seed, progress=False).train
     lengths = [len(e.input_ids) for e in train]
@@ -406,6 +407,30 @@ def test_plan_with_data_times_the_datas_own_batches(tiny_config, tiny_model_dir,
         tunelab.plan(tiny_config, devices=[], data=True, max_seq_len=4)
     with pytest.raises(ConfigError, match="sft stage"):
         tunelab.plan({**tiny_config, "stage": "dpo"}, devices=[], data=True)
+
+
+def test_plan_reads_a_local_data_file_by_default_and_says_why_where_it_cannot(tiny_config, monkeypatch, tmp_path):
+    """By default the plan reads data.train where it is a local file (what `tunelab train` will batch);
+    where that fails it plans the worst case and says why; `data=True` raises what fails instead."""
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+
+    def unread(config, **kw):
+        result = tunelab.plan(config, devices=[], timing=False, **kw)
+        assert result.data is None and f"could not be read: {result.data_unread}" in str(result)
+        assert result.to_dict()["data_unread"] == result.data_unread
+        return result.data_unread
+
+    assert tunelab.plan(tiny_config, devices=[], timing=False).data.examples > 0
+    assert tunelab.plan(tiny_config, devices=[], timing=False, data=False).data_unread is None  # asked for
+    assert "x.jsonl is not a local file" in unread(dict(tiny_config, data={**tiny_config["data"], "train": "x.jsonl"}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"\n')
+    assert unread(dict(tiny_config, data={**tiny_config["data"], "train": str(bad)})).startswith(f"{bad}:2:")
+    assert "raise max_seq_len" in unread(tiny_config, max_seq_len=4)
+    assert "'dpo'" in unread({**tiny_config, "stage": "dpo"})
+    assert tunelab.plan(model="135m", devices=[], timing=False).data_unread is None  # no config, no data
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        tunelab.plan(dict(tiny_config, data={**tiny_config["data"], "train": str(bad)}), devices=[], data=True)
 
 
 # --- the CLI and `tunelab train` ---------------------------------------------------------------
@@ -445,7 +470,7 @@ def test_train_refuses_a_run_that_cannot_fit_before_loading_weights(tiny_config,
     monkeypatch.setattr(load, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
     huge = dict(tiny_config, train={**tiny_config["train"], "micro_batch_size": 64, "max_steps": 1, "compile": False})
     huge["data"] = {**tiny_config["data"], "max_seq_len": 1024}
-    worst = tunelab.plan(huge, devices=[], timing=False)
+    worst = tunelab.plan(huge, devices=[], timing=False, data=False)
     real_rows = tunelab.plan(huge, devices=[], timing=False, data=True)
     assert real_rows.data.largest_batch_tokens < 64 * 1024 and real_rows.peak_bytes < worst.peak_bytes / 4
 
@@ -530,7 +555,8 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
     with pytest.raises(RunError, match="--force"):
         trained_with({"gradient_checkpointing": False})  # the user's own false stays false
     short = dict(cfg, data={**cfg["data"], "train": tiny_config["data"]["train"]})  # rows of ~30 tokens
-    assert tunelab.plan(short, devices=[], timing=False).auto_checkpointing  # the plan cannot know the rows
+    assert tunelab.plan(short, devices=[], timing=False, data=False).auto_checkpointing  # the worst case's rows
+    assert not tunelab.plan(short, devices=[], timing=False).auto_checkpointing  # the plan reads them, as the loop
     assert trained_with({}, short) == (False, False)  # the loop, having encoded them, turns it off again
     # a resumed run keeps what it resolved: no "config differs" warning, checkpointing still off
     crashing = dict(short, name="crashing", train={**short["train"], "max_steps": 2, "save_every_n_steps": 1})

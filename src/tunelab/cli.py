@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default=None, help="judge for this named device first (default: this machine)")
     pl.add_argument("--devices", default=None, help="comma list of devices to compare (default: all; 'none')")
     pl.add_argument("--steps", type=int, default=None, help="optimizer steps, for the total time")
-    pl.add_argument("--data", action="store_true",
-                    help="read and encode the config's data: time and memory for its real batches, not the worst case")
+    pl.add_argument("--data", action=argparse.BooleanOptionalAction, default=None,
+                    help="read and encode the config's data: time and memory for its real batches (default where "
+                         "data.train is a local file); --no-data: the worst case, every row max_seq_len long")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     d = sub.add_parser("data", help="data tools")

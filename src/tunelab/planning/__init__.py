@@ -44,7 +44,8 @@ class PlanResult:
     steps: int | None = None
     compiled: bool = False                    # whether the run's blocks will be torch.compile'd (its time)
     auto_checkpointing: bool = False          # train.gradient_checkpointing auto turned it on: needed to fit
-    data: "DataTokens | None" = None          # what the config's data brings to a step (plan --data); None: worst case
+    data: "DataTokens | None" = None          # what the config's data brings to a step; None: worst case
+    data_unread: str | None = None            # why the plan could not read the data it tried to (then: worst case)
 
     @property
     def peak_bytes(self) -> float:
@@ -67,6 +68,7 @@ class PlanResult:
         return {"model": self.arch.name, "source": self.arch.source, "params": self.arch.n_params,
                 "trainable_params": b.trainable_params, "setup": _values(self.setup), "compiled": self.compiled,
                 "auto_checkpointing": self.auto_checkpointing, "data": _values(self.data) if self.data else None,
+                "data_unread": self.data_unread,
                 "peak_gb": round(b.peak / 1e9, 3), "terms_gb": {k: round(v / 1e9, 3) for k, v in b.terms.items()},
                 "devices": [{"device": v.device.name, "dtype": v.dtype, "peak_gb": round(v.peak_bytes / 1e9, 2),
                              "usable_gb": v.device.usable_gb, "status": v.status, "advice": v.advice,
@@ -90,7 +92,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
          lora_rank: int | None = None, dtype: str | None = None, optimizer: str | None = None,
          device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
          steps: int | None = None, overrides=None, timing: bool = True, processes: int = 1,
-         batch_tokens: int | None = None, data: bool = False, compiled: bool | None = None) -> PlanResult:
+         batch_tokens: int | None = None, data: bool | None = None, compiled: bool | None = None) -> PlanResult:
     """Predict peak memory and time of a training run, here and on named devices.
 
     Args:
@@ -111,6 +113,9 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
         data: read, encode and batch the config's training data as `tunelab train` will (sft
             stage; through the tokenized cache, which the run then reuses): the time is for its
             real micro batches, the memory for its largest, and steps default to its epochs'.
+            Default (None): read it where the config's data.train is a local file and no
+            batch_tokens is given; where that fails, plan the worst case and say why
+            (`data_unread`). False: the worst case; True: read it, and raise what fails.
         compiled: whether the run compiles (default: train.compile as the loop resolves it). A
             compiled run saves less for the backward; the memory counts that where the run surely
             compiles (train.compile true, this argument, or auto with the data read: the worst
@@ -144,11 +149,22 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     _check(s, s.optimizer)
     arch = resolve_arch(model or cfg.model.ref)
     wanted_dtype = dtype or cfg.model.dtype
-    tokens_of_data = None
+    tokens_of_data, data_unread = None, None
+    asked = data
+    if data is None and batch_tokens is None:  # real rows are mostly far shorter: 3.1 against 8.6 GB for lora.yaml
+        data_unread = _unreadable_data(config_or_path, cfg)
+        data = data_unread is None
     if data:
+        from tunelab.errors import TunelabError
         from tunelab.planning.data import data_tokens
 
-        tokens_of_data = data_tokens(cfg, s)
+        try:
+            tokens_of_data = data_tokens(cfg, s, progress=True)
+        except TunelabError as e:
+            if asked:
+                raise
+            data_unread = "; ".join(e.problems) if isinstance(e, ConfigError) else " ".join(str(e).split())
+    if tokens_of_data is not None:
         s = replace(s, batch_tokens=batch_tokens or tokens_of_data.largest_batch_tokens,
                     batch_tokens_for=None if batch_tokens else tokens_of_data.largest_for,
                     mean_batch_tokens=tokens_of_data.mean_batch_tokens,
@@ -170,7 +186,21 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
     verdicts = [judge(arch, s, d, wanted_dtype, steps if timing else None, timing, compiled=compiled)
                 for d in first + [d for d in others if d.name != first[0].name]]
     b = breakdown(arch, replace(s, compute_dtype=verdicts[0].dtype), verdicts[0].device.kind)
-    return PlanResult(arch, s, b, verdicts, steps, compiled, auto_checkpointing=auto, data=tokens_of_data)
+    return PlanResult(arch, s, b, verdicts, steps, compiled, auto_checkpointing=auto, data=tokens_of_data,
+                      data_unread=data_unread or None)
+
+
+def _unreadable_data(config_or_path, cfg) -> str | None:
+    """Why a plan cannot read the run's own rows, or None where it can: a config (not a model alone)
+    of the sft stage whose training data is a local file or folder (a hub dataset is not downloaded
+    to plan). "" where there is no data to read."""
+    if config_or_path is None or not cfg.data.train:
+        return ""
+    if cfg.stage != "sft":
+        return f"the plan reads the sft stage's data, and this config's stage is {cfg.stage!r}"
+    if not Path(cfg.data.train).exists():
+        return f"data.train {cfg.data.train} is not a local file; a hub dataset is not downloaded to plan"
+    return None
 
 
 def _compiled(cfg, s: Setup, steps: int | None) -> bool:
@@ -363,7 +393,7 @@ def _config(config_or_path, model, overrides):
         cfg = _build(RunConfig, raw, "", problems)
         if problems:
             raise ConfigError(problems)
-        if p is not None:  # as load_config: a relative data path may be beside the config (plan --data)
+        if p is not None:  # as load_config: a relative data path may be beside the config (which the plan reads)
             _resolve_data_paths(cfg, p.parent)
     return cfg
 
@@ -399,7 +429,7 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
 
     procs = _local_processes()
     try:
-        result = plan(cfg, devices=[], timing=False, processes=procs)
+        result = plan(cfg, devices=[], timing=False, processes=procs, data=False)  # no tokenizing before the check
     except ModelError:
         return None
     v = result.here

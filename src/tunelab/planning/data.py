@@ -1,4 +1,5 @@
-"""What a config's own data brings to a training step, for `tunelab plan CONFIG --data`.
+"""What a config's own data brings to a training step, for `tunelab plan CONFIG` (where data.train
+is a local file; `--data` insists, `--no-data` skips it).
 
 Without it the plan takes the worst case: every row max_seq_len tokens long, all of them answers.
 Real instruction data is mostly far shorter (the alpaca demo: ~190 tokens a row against 512), so
@@ -29,9 +30,10 @@ class DataTokens:
     largest_for: "Callable[[int, int], int]" = field(repr=False, compare=False)
 
 
-def data_tokens(cfg, s) -> DataTokens:
+def data_tokens(cfg, s, progress: bool = False) -> DataTokens:
     """Encode the config's training data (sft stage) and measure what its micro batches hold, at the
-    plan's max_seq_len, micro batch and accumulation (the config's, or what the plan overrides)."""
+    plan's max_seq_len, micro batch and accumulation (the config's, or what the plan overrides).
+    `progress`: a bar while a large dataset is encoded (on stderr; a second plan or run reads the cache)."""
     from dataclasses import replace
 
     from tunelab.data.prepare import prepare_data
@@ -40,11 +42,11 @@ def data_tokens(cfg, s) -> DataTokens:
 
     if cfg.stage != "sft":
         raise ConfigError(f"plan with data: reads the sft stage's data; this config's stage is {cfg.stage!r}. "
-                          "Plan it without --data (the worst case)")
+                          "Plan it with --no-data (data=False): the worst case")
     source = resolve_model(cfg.model.ref)
     folder = run_model_dir(source.path) if source.kind == "run" else local_folder(source, cfg.model.revision)
     tokenizer = load_tokenizer(folder, cfg.model.chat_template, cfg.model.trust_remote_code)
-    train = prepare_data(replace(cfg.data, max_seq_len=s.max_seq_len), tokenizer, cfg.seed, progress=False).train
+    train = prepare_data(replace(cfg.data, max_seq_len=s.max_seq_len), tokenizer, cfg.seed, progress=progress).train
     if not train:
         raise ConfigError(f"plan with data: no training example of {cfg.data.train} keeps an answer token within "
                           f"max_seq_len={s.max_seq_len}; raise max_seq_len")

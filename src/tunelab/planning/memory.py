@@ -72,10 +72,10 @@ class Setup:
     double_quant: bool = True
     answer_fraction: float = 1.0         # share of tokens that are answers (1.0: worst case)
     batch_tokens: int | None = None      # the data's largest micro batch, once the loop knows its data
-    mean_batch_tokens: float | None = None  # the data's mean micro batch (plan --data), for the time
-    attention_len: float | None = None   # the data's sum(L^2) / sum(L) (plan --data); else max_seq_len
+    mean_batch_tokens: float | None = None  # the data's mean micro batch (where the plan read the data), for the time
+    attention_len: float | None = None   # the data's sum(L^2) / sum(L) (where the plan read the data); else max_seq_len
     compiled: bool = False               # train.compile as the loop resolves it (the plan: where it can know)
-    # (rows, max_seq_len) -> the data's largest micro batch batched so (plan --data): the advice's plans
+    # (rows, max_seq_len) -> the data's largest micro batch batched so (where the plan read the data): the advice's plans
     batch_tokens_for: "Callable[[int, int], int] | None" = field(default=None, repr=False, compare=False)
 
     @property

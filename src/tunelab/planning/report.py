@@ -47,7 +47,7 @@ def format_plan(r) -> str:
         if v:
             note = b.notes.get(k, "")
             if k == "activations" and r.compiled and not s.compiled and here.device.kind == "cpu":
-                note += "; eager: auto may compile, which saves ~half (sure once --data reads the rows)"
+                note += "; eager: auto may compile, which saves ~half (sure once the plan reads the rows)"
             lines.append(f"  {k:34} {_gb(v)}  {note}")
     lines.append(f"  {'peak':34} {_gb(b.peak)}  (gradients, the logits chunk and the step's temporaries are not "
                  "all alive at once)")
@@ -79,11 +79,12 @@ def format_plan(r) -> str:
 
 
 def _data_line(r) -> str:
-    """What the time and memory assume about the batches: the data's own (--data) or the worst case."""
+    """What the time and memory assume about the batches: the data's own or the worst case."""
     d = r.data
     if d is None:
-        return ("tokens  the worst case: every row max_seq_len tokens long, all of them answers (a config's "
-                "own data is mostly shorter: `tunelab plan CONFIG --data` reads it)")
+        why = (f"the data could not be read: {r.data_unread}" if r.data_unread else
+               "a config whose data.train is a local file is planned with its own rows, mostly far shorter")
+        return f"tokens  the worst case: every row max_seq_len tokens long, all of them answers ({why})"
     return (f"tokens  from this config's data: {d.examples} examples, {d.mean_batch_tokens:.0f} tokens a micro batch "
             f"on average (largest {d.largest_batch_tokens}), {d.answer_fraction:.0%} of them answers; "
             f"{d.steps} steps")
