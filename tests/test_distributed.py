@@ -1,17 +1,21 @@
 """The same loop under torchrun and `accelerate launch`: two CPU processes (gloo) = one process with
-the doubled batch. (`accelerate launch` with examples/accelerate/ddp.yaml starts the processes through
-torch's launcher, so it runs on CPUs too; FSDP and DeepSpeed need GPUs.)"""
+the doubled batch, under DDP (examples/accelerate/ddp.yaml, or torchrun alone) and FSDP2
+(examples/accelerate/fsdp.yaml, which tunelab switches on for CPUs; accelerate alone would run DDP).
+DeepSpeed needs GPUs."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tunelab.runs import read_metrics
 
 DDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp.yaml"
+FSDP_YAML = DDP_YAML.with_name("fsdp.yaml")
 
 
 def write_configs(tiny_config, tmp_path, method: "str | None" = None, **train) -> tuple[Path, Path]:
@@ -74,6 +78,60 @@ def test_accelerate_launch_with_the_shipped_ddp_config(tiny_config, tmp_path):
     assert "3 steps of 4 examples" in proc.stdout  # 2 processes x micro batch 2: the effective batch it printed
 
 
+def accelerate_launch(accelerate_yaml: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml),
+                           "-m", "tunelab", "train", str(config), "--quiet", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method, weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
+def test_fsdp_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path, method, weights):
+    """The README's FSDP command, on CPUs: each process holds half of every weight and of AdamW's
+    moments, and the run trains as one process with the doubled accumulation; final/ holds the
+    whole weights, gathered, the tied output head saved once as one process saves it."""
+    from safetensors.torch import load_file
+
+    lr = {"learning_rate": 1e-3} if method == "full" else {}
+    one, two = write_configs(tiny_config, tmp_path, method=method, **lr)
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
+    proc = accelerate_launch(FSDP_YAML, two)
+    check_same_as_one_process(tmp_path, proc, weights=weights)
+    assert "2 processes, FSDP" in " ".join(proc.stdout.split()), proc.stdout[-2000:]
+    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
+    w_one, w_two = (load_file(run / "final" / weights) for run in (run_one, run_two))
+    assert w_one.keys() == w_two.keys()
+    for key, value in w_one.items():
+        torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_checkpoints_resume_with_each_processs_shard_of_adamw(tiny_config, tmp_path):
+    """A checkpoint under FSDP holds each process's shard of AdamW's moments, so a run resumed under
+    the same launcher ends with exactly the weights of one never interrupted. One process resuming
+    it starts the moments from zero, and says so."""
+    from safetensors.torch import load_file
+
+    _, two = write_configs(tiny_config, tmp_path, method="full", learning_rate=1e-3, save_every_n_steps=1)
+    assert accelerate_launch(FSDP_YAML, two).returncode == 0
+    run, losses = run_losses(tmp_path / "runs", "two")
+    step2 = run / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in step2.glob("optimizer*")) == ["optimizer-rank0.pt", "optimizer-rank1.pt"]
+    assert not list((run / "checkpoints").glob(".*"))  # the shards' staging folders were moved in
+    uninterrupted = load_file(run / "final" / "model.safetensors")
+
+    def resume(*launcher: str) -> subprocess.CompletedProcess:
+        shutil.rmtree(run / "final")  # the last step is no checkpoint: a resume starts from step 2
+        return subprocess.run([*launcher, "-m", "tunelab", "train", str(run / "config.yaml"), "--resume"],
+                              capture_output=True, text=True, timeout=600)
+
+    proc = resume(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_YAML))
+    assert proc.returncode == 0 and "resumed from" in proc.stdout and "moments start again" not in proc.stdout
+    assert run_losses(tmp_path / "runs", "two")[1] == losses
+    resumed = load_file(run / "final" / "model.safetensors")
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+    proc = resume(sys.executable)  # one process: the shards were cut for two
+    assert proc.returncode == 0 and "moments start again from zero" in " ".join(proc.stdout.split())
+
+
 def test_stepping_in_backward_under_ddp_is_refused(tiny_config, tmp_path):
     """Each weight would be stepped with its own process's gradient, before DDP averages it."""
     _, two = write_configs(tiny_config, tmp_path, method="full", optimizer_in_backward=True, max_grad_norm=0.0,
@@ -82,3 +140,28 @@ def test_stepping_in_backward_under_ddp_is_refused(tiny_config, tmp_path):
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "train.optimizer_in_backward=true under ddp with 2 process(es)" in output, output[-3000:]
+
+
+def test_sharding_on_cpus_says_what_accelerate_would_quietly_do(monkeypatch, capsys):
+    """On CPUs accelerate runs an FSDP or DeepSpeed launch as DDP; FSDP1 cannot be switched on
+    there (it wants GPUs), and DeepSpeed cannot at all: the first is refused, the second warned of."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tunelab.errors import RunError
+    from tunelab.training.distributed import sharding_on_cpus
+
+    def accelerator():
+        return SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), is_main_process=True)
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(RunError, match="fsdp_version: 2"):
+        sharding_on_cpus(accelerator())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    a = accelerator()
+    sharding_on_cpus(a)
+    assert a.state.distributed_type == DistributedType.MULTI_CPU
+    assert "DeepSpeed runs on GPUs only" in " ".join(capsys.readouterr().out.split())

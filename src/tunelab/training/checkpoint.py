@@ -2,13 +2,14 @@
 
 checkpoints/step-000200/
   adapter_model.safetensors + adapter_config.json   (lora)  or  model*.safetensors (full)
-  optimizer.pt (not under FSDP/DeepSpeed: each process holds only a shard), scheduler.pt,
-  rng-<rank>.pt, trainer_state.json
+  optimizer.pt, or under FSDP optimizer-rank<r>.pt (each process's shard; not under DeepSpeed),
+  scheduler.pt, rng-<rank>.pt, trainer_state.json
 Each is written into a temporary folder that is renamed when complete, so a crash or Ctrl-C
 never leaves a half-written checkpoint behind.
 """
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -48,10 +49,10 @@ def save_weights(model, folder: Path, tokenizer=None, state_dict: "dict | None" 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
                     keep: int, is_main: bool = True, rank: int = 0, state_dict: "dict | None" = None,
-                    extra: "dict | None" = None) -> Path:
+                    extra: "dict | None" = None, shards: "Path | None" = None) -> Path:
     """Write checkpoints/step-N/ (main process only). `optimizer` None: its state is sharded across
-    processes (FSDP, DeepSpeed) and is left out. `extra`: other modules' state dicts
-    ({"value_head": ...}), stored in extra.safetensors."""
+    processes and is left out, or comes as `shards`, the folder save_optimizer_shard wrote (moved
+    in). `extra`: other modules' state dicts ({"value_head": ...}), stored in extra.safetensors."""
     final = step_dir(run_dir, step)
     if not is_main:
         return final
@@ -59,6 +60,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         save_weights(model, tmp, state_dict=state_dict)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if shards is not None:
+            for f in shards.iterdir():
+                os.replace(f, tmp / f.name)
+            shards.rmdir()
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         if extra:
@@ -70,6 +75,45 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_optimizer_shard(run_dir: Path, step: int, optimizer, rank: int) -> Path:
+    """Every process, under FSDP: its shard of the optimizer state (DTensors, saved as their local
+    parts) into a folder beside the checkpoint, which the main process then moves into it."""
+    from torch.distributed.tensor import DTensor
+
+    shards = step_dir(run_dir, step).with_name(f".step-{step:06d}.shards")
+    shards.mkdir(parents=True, exist_ok=True)
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    torch.save(sd, shards / f".optimizer-rank{rank}.pt.tmp")
+    os.replace(shards / f".optimizer-rank{rank}.pt.tmp", shards / f"optimizer-rank{rank}.pt")
+    return shards
+
+
+def load_optimizer(folder: Path, optimizer, rank: int = 0, world: int = 1) -> bool:
+    """The checkpoint's optimizer state into `optimizer`, where it holds one for it: optimizer.pt for
+    a whole optimizer, one shard per process for an FSDP one (the shards are cut by the number of
+    processes, so only as many as this run has). False where it does not: the moments start at zero."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    if not any(isinstance(p, DTensor) for p in params):
+        if not (folder / "optimizer.pt").is_file():
+            return False
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        return True
+    if len(list(folder.glob("optimizer-rank*.pt"))) != world:
+        return False
+    sd = torch.load(folder / f"optimizer-rank{rank}.pt", weights_only=True)
+    for i, st in sd["state"].items():
+        p = params[i]
+        for k, v in st.items():
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 and v.shape == p.to_local().shape:
+                st[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(sd)
+    return True
 
 
 def load_weights(folder: Path, model, method: str) -> None:
@@ -93,9 +137,10 @@ def load_weights(folder: Path, model, method: str) -> None:
 
 
 def load_training_state(folder: Path, optimizer, scheduler, rank: int = 0) -> dict:
-    """Optimizer (None: leave it fresh), scheduler and this process's RNG; returns the trainer state."""
+    """Optimizer (None: leave it fresh; see load_optimizer), scheduler and this process's RNG;
+    returns the trainer state."""
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        load_optimizer(folder, optimizer, rank)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng = folder / f"rng-{rank}.pt"
     if rng.is_file():

@@ -6,14 +6,46 @@ parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the o
 - parameters outside a forward pass are shards, so the loss lets the model apply its own output
   head instead of tunelab's chunked head (training/loss.py);
 - saving gathers the full weights on every process first (a collective: all must call it);
-- each process's optimizer state is only its shard; checkpoints leave it out, and a resumed run
-  starts its moments from zero (weights, schedule, RNG and data position are restored);
+- each process's optimizer state is only its shard: under FSDP each process saves its own into the
+  checkpoint (optimizer-rank<r>.pt), which a run resumed with as many processes loads; DeepSpeed's
+  are left out, and its resumed runs start the moments from zero (weights, schedule, RNG and data
+  position are restored);
 - DeepSpeed runs the optimizer step inside backward once every `gradient_accumulation_steps`
   micro batches and divides each loss by that number itself, so it is told ours.
-Only DDP is tested here (2 CPU processes, tests/test_distributed.py); FSDP and DeepSpeed need GPUs.
+DDP and FSDP are tested here on 2 CPU processes (gloo, tests/test_distributed.py); DeepSpeed needs GPUs.
 """
 
+import os
+
 from tunelab.errors import RunError
+
+
+def sharding_on_cpus(accelerator) -> None:
+    """Right after the Accelerator is made: accelerate turns FSDP (and DeepSpeed) on for GPU-like
+    devices only, so on CPUs an `accelerate launch` with an FSDP config would quietly run DDP, every
+    process holding the whole model, gradients and AdamW state. FSDP2 itself shards on CPUs over
+    gloo, so where the launcher asked for FSDP the state is switched to it as accelerate does on GPUs
+    (its FSDP plugin read from the same environment). DeepSpeed has no such path: said, and DDP runs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.fsdp_version != 2:
+            raise RunError("FSDP on CPUs needs fsdp_version: 2 in the accelerate config (FSDP1 wants GPUs); "
+                           "examples/accelerate/fsdp.yaml has it")
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and accelerator.is_main_process:
+        from tunelab.log import info
+
+        info("[yellow]warning:[/] DeepSpeed runs on GPUs only; on these CPUs accelerate runs the processes as DDP, "
+             "each holding the whole model, gradients and optimizer state (FSDP, examples/accelerate/fsdp.yaml, "
+             "shards them on CPUs too)")
 
 
 def strategy(accelerator) -> str:
@@ -64,7 +96,13 @@ def full_state_dict(accelerator, model) -> "dict | None":
     processes); None when each process already holds them all."""
     if not shards_parameters(accelerator):
         return None
-    return accelerator.get_state_dict(model)
+    state = accelerator.get_state_dict(model)
+    # gathered, a tied output head is a copy of the embeddings; saved once, as one process saves it
+    unwrapped = accelerator.unwrap_model(model)
+    if state is not None and getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False):
+        for tied in getattr(unwrapped, "_tied_weights_keys", None) or {}:
+            state.pop(tied, None)
+    return state
 
 
 def _zero_stage(accelerator) -> int:

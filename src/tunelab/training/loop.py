@@ -83,6 +83,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # autocast is ours (below), also on CPU; cpu=True lets accelerate see a torchrun/`accelerate
     # launch` job on CPUs (gloo) instead of running every process alone
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    distributed.sharding_on_cpus(accelerator)
     is_main = accelerator.is_main_process
     found = [_run_dir_for(cfg, name, resume, auto_checkpointing) if is_main else None]
     if accelerator.num_processes > 1:
@@ -180,7 +181,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     info(f"model {cfg.pretrain.from_scratch or cfg.model.ref}: {describe_model(model)}; method {cfg.method}"
          + (" (bf16 weights)" if bf16_weights else "") + f", compute {dtype_name(compute_dtype)}, "
          f"device {accelerator.device.type}"
-         + (f", {threads} threads" if threads else ""))
+         + (f", {threads} threads" if threads else "")
+         + (f"; {world} processes, {distributed.strategy(accelerator).upper()}" if world > 1 else ""))
 
     if compiled:
         compile_blocks(model)
@@ -195,7 +197,6 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         ckpt.load_weights(start_ckpt, model, cfg.method)
     distributed.configure_deepspeed(accelerator, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    sharded_optimizer = distributed.shards_optimizer(accelerator)
     in_backward = cfg.train.optimizer_in_backward
     if in_backward:
         # DDP reduces a gradient after its hook would have stepped the weight with it; FSDP and
@@ -207,13 +208,15 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         step_in_backward(accelerator.unwrap_model(model), optimizer.optimizer)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0}
     if start_ckpt is not None:
-        state = ckpt.load_training_state(start_ckpt, None if sharded_optimizer else optimizer, scheduler,
-                                         accelerator.process_index)
+        state = ckpt.load_training_state(start_ckpt, None, scheduler, accelerator.process_index)
+        # DeepSpeed's engine keeps its optimizer state to itself
+        restored = distributed.strategy(accelerator) != "deepspeed" and ckpt.load_optimizer(
+            start_ckpt, optimizer, accelerator.process_index, world)
         if is_main:
             truncate_metrics(run_dir, state["step"])
         info(f"resumed from {start_ckpt} (step {state['step']})"
-             + (f"; under {distributed.strategy(accelerator)} the optimizer's moments start again from zero"
-                if sharded_optimizer else ""))
+             + ("" if restored else f"; the optimizer's moments start again from zero: the checkpoint holds none for "
+                f"{distributed.strategy(accelerator)} with {world} process(es)"))
 
     autocast = (torch.autocast(accelerator.device.type, dtype=compute_dtype)
                 if compute_dtype != torch.float32 else nullcontext())
@@ -467,10 +470,14 @@ def _val_record(step: int, val_loss: float) -> dict:
 def _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator) -> Path:
     """Called on every process: gathering sharded weights needs them all; the main one writes."""
     gathered = distributed.full_state_dict(accelerator, model)
+    shards = None
+    if distributed.strategy(accelerator) == "fsdp":  # each process saves its shard of AdamW's moments
+        shards = ckpt.save_optimizer_shard(run_dir, step, optimizer, accelerator.process_index)
+        accelerator.wait_for_everyone()
     path = ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model),
                                 None if distributed.shards_optimizer(accelerator) else optimizer, scheduler, state,
                                 keep=cfg.train.keep_checkpoints, is_main=accelerator.is_main_process,
-                                rank=accelerator.process_index, state_dict=gathered)
+                                rank=accelerator.process_index, state_dict=gathered, shards=shards)
     accelerator.wait_for_everyone()
     return path
 
