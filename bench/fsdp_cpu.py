@@ -1,0 +1,91 @@
+"""Full fine-tuning on CPU processes: one process, DDP and FSDP (two processes over gloo), in one run.
+
+What FSDP buys on CPUs: each process holds half of every weight, gradient and AdamW moment, so two
+machines (or two NUMA sockets) can fully fine-tune a model whose fp32 state (16 bytes a parameter)
+does not fit in one. Same model, data and batch as bench/train_speed.py's full rows (SmolLM2-135M,
+the alpaca demo, 8 rows per optimizer step, max_seq_len 512, compiled): one process takes micro
+batches of 8; two processes take 4 each. On one 2-core machine each of the two gets one core, so
+the tokens/s say what the collectives cost, not what a second machine would add.
+
+Prints tokens/s (the first step untimed), the peak RSS of each process, and the last loss.
+
+--shape 360m: SmolLM2's 360M shape with random weights (see train_speed.py), where the fp32 state
+(5.8 GB) outweighs what every process holds anyway (libraries, compiled code, activations).
+
+usage: python bench/fsdp_cpu.py [--steps 10] [--shape 135m|360m] [--shared ../shared]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from train_speed import bench_inputs, tunelab_config  # noqa: E402
+
+LAUNCH = {"ddp": HERE.parent / "examples" / "accelerate" / "ddp.yaml",
+          "fsdp": HERE.parent / "examples" / "accelerate" / "fsdp.yaml"}
+
+
+def worker(config_path: str) -> None:
+    """One process of a run: train, then print this process's figures as JSON."""
+    import yaml
+
+    import tunelab
+    from tunelab.hardware import peak_rss_mb
+    from tunelab.runs import read_metrics
+
+    from accelerate.state import PartialState
+
+    result = tunelab.train(yaml.safe_load(Path(config_path).read_text()), quiet=True, force=True)
+    rank = PartialState().process_index
+    m = [r for r in read_metrics(result.run_dir) if "loss" in r] if rank == 0 else []
+    timed = m[1:]
+    print(json.dumps({"rank": rank, "peak_rss_mb": peak_rss_mb(),
+                      **({"tokens_per_s": sum(r["tokens"] for r in timed) / (m[-1]["elapsed_s"] - m[0]["elapsed_s"]),
+                          "last_loss": m[-1]["loss"]} if m else {})}), flush=True)
+
+
+def run(setup: str, model: str, data: str, steps: int) -> dict:
+    import yaml
+
+    cfg = tunelab_config(model, data, steps, "full", "compile")
+    if setup != "one process":
+        cfg["train"]["micro_batch_size"] = 4  # x 2 processes: the same 8 rows a step
+    path = Path(tempfile.mkdtemp()) / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    launcher = ([sys.executable] if setup == "one process" else
+                [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH[setup])])
+    proc = subprocess.run([*launcher, str(Path(__file__).resolve()), "--worker", str(path)],
+                          capture_output=True, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
+    if proc.returncode != 0 or not rows:
+        sys.exit(f"{setup} failed:\n{proc.stderr[-3000:]}")
+    main = next(r for r in rows if r["rank"] == 0)
+    return {"setup": setup, "tokens_per_s": main["tokens_per_s"], "last_loss": main["last_loss"],
+            "rss": [r["peak_rss_mb"] for r in sorted(rows, key=lambda r: r["rank"])]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--shape", default="135m", choices=["135m", "360m"])
+    p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a.worker)
+    model, data = bench_inputs(Path(a.shared), a.shape)
+    print(f"full fine-tuning, SmolLM2-{a.shape.upper()}, 8 rows a step, {a.steps} steps (the first untimed)\n")
+    print(f"{'setup':14} {'tokens/s':>9} {'peak RSS MB per process':>26} {'last loss':>10}")
+    for setup in ("one process", "ddp", "fsdp"):
+        r = run(setup, str(model), str(data), a.steps)
+        rss = " / ".join(f"{x:.0f}" for x in r["rss"])
+        print(f"{r['setup']:14} {r['tokens_per_s']:9.1f} {rss:>26} {r['last_loss']:10.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
