@@ -1,5 +1,5 @@
-"""The loop's FSDP/DeepSpeed paths that can be checked without GPUs: the loss when the output head's
-weight is a shard, and the settings handed to DeepSpeed."""
+"""The loop's FSDP/DeepSpeed paths that can be checked without GPUs: the loss when the model is
+sharded (FSDP2) or the output head's weight is a shard, and the settings handed to DeepSpeed."""
 
 from types import SimpleNamespace
 
@@ -12,7 +12,59 @@ from tunelab.data.encode import encode_example
 from tunelab.data.types import Example
 from tunelab.errors import RunError
 from tunelab.training import distributed
-from tunelab.training.loss import _plain_head, token_loss_sum
+from tunelab.training.loss import token_loss_sum
+
+
+def two_sentiment_rows(tokenizer) -> dict:
+    items = [e for text in ("Great food.", "The battery died after a day, sadly.")
+             for e in encode_example(Example(messages=[{"role": "user", "content": text},
+                                                       {"role": "assistant", "content": "positive"}]),
+                                     tokenizer, 128)]
+    return collate(items, packing=False, pad_id=2)
+
+
+def record_head_widths(model) -> list[int]:
+    """What the head's calls return, appended to the list: hidden states (tunelab's chunked head ran
+    after it) or logits (the head applied itself)."""
+    widths = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
+    return widths
+
+
+@pytest.mark.parametrize("head_group_resharded", [False, True])
+def test_fsdp2_as_accelerate_wraps_a_model_keeps_the_chunked_head(tiny_model_dir, tokenizer, tmp_path,
+                                                                   head_group_resharded):
+    """accelerate's FSDP2 keeps the output head's group (head, final norm, tied embedding) gathered from
+    the forward until backward, so the chunked head runs under FSDP too (it never holds the answer
+    tokens' full logits), with the loss and gradients of the unwrapped model. Were the group resharded
+    after the forward, the head module applies itself, with the same results. One gloo process."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    batch = two_sentiment_rows(tokenizer)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    loss, n = token_loss_sum(plain, batch)
+    loss.backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        for layer in model.model.layers:  # as accelerate's fsdp2_prepare_model wraps a decoder
+            fully_shard(layer)
+        fully_shard([model.model.norm, model.get_input_embeddings(), model.get_output_embeddings()],
+                    reshard_after_forward=head_group_resharded)
+        fully_shard(model)
+        widths = record_head_widths(model)
+        sharded_loss, sharded_n = token_loss_sum(model, batch)
+        sharded_loss.backward()
+        # the chunked head ran after the identity head; or the head applied itself after it
+        assert widths == [model.config.hidden_size] + [model.config.vocab_size] * head_group_resharded
+        assert sharded_n == n > 0 and sharded_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_a_sharded_head_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
@@ -21,11 +73,7 @@ def test_a_sharded_head_gives_the_same_loss_and_gradients(tiny_model_dir, tokeni
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    items = [e for text in ("Great food.", "The battery died after a day, sadly.")
-             for e in encode_example(Example(messages=[{"role": "user", "content": text},
-                                                       {"role": "assistant", "content": "positive"}]),
-                                     tokenizer, 128)]
-    batch = collate(items, packing=False, pad_id=2)
+    batch = two_sentiment_rows(tokenizer)
 
     def loss_and_grad():
         model.zero_grad()
@@ -33,14 +81,16 @@ def test_a_sharded_head_gives_the_same_loss_and_gradients(tiny_model_dir, tokeni
         loss.backward()
         return loss.item(), n, model.get_output_embeddings().weight.grad.clone()
 
+    head = model.get_output_embeddings()
+    widths = record_head_widths(model)
     chunked = loss_and_grad()
-    head = model.get_output_embeddings().weight
-    head.ds_id = 0  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    assert widths == [model.config.hidden_size]
+    head.weight.ds_id = 0  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
     try:
-        assert _plain_head(model) is None  # the other path really runs
         by_model = loss_and_grad()
     finally:
-        del head.ds_id
+        del head.weight.ds_id
+    assert widths[1:] == [model.config.vocab_size]  # the other path really ran
     assert by_model[1] == chunked[1] > 0
     assert by_model[0] == pytest.approx(chunked[0], rel=1e-5)
     assert torch.allclose(by_model[2], chunked[2], rtol=1e-4, atol=5e-5)  # fp32 rounding: 7.4e-6 seen on AMD Zen 4

@@ -1,7 +1,10 @@
 """Cross-entropy over answer tokens that never holds [answer tokens x vocabulary] logits at once.
 
-When the model's parameters are sharded (FSDP, DeepSpeed ZeRO-3) the head's weight is not whole
-outside its own forward, and the model applies the head itself (to answer positions only).
+Under FSDP2 (as accelerate wraps a model) the head's weight is gathered for the model's forward and
+stays whole until backward, so the chunked head runs there too (were it a shard again after the
+forward, the head module would apply itself, its hooks gathering the weight). Under DeepSpeed ZeRO-3
+the model applies its own head (DeepSpeed gathers weights along the module calls it has traced), and
+the loss takes the answer positions' full logits.
 
 The model runs with its output head swapped for identity, so it returns the final hidden states
 at the answer positions only (`logits_to_keep` as a boolean mask: prompt tokens never reach the
@@ -44,14 +47,20 @@ def token_loss_sum(model, batch: dict, compiled: bool = False) -> tuple[torch.Te
     head = _plain_head(model)
     if head is None:  # a head with extras (soft-capping, scaling): let the model apply it
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        logits = logits.reshape(-1, logits.shape[-1])
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+        return _full_logits_loss(logits, targets)
     with _identity(head):
         hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if type(head.weight.data).__name__ == "DTensor":  # an FSDP2 shard still, after the forward
+        return _full_logits_loss(head(hidden), targets)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
     chunk_fn = _compiled_chunk_loss_and_grads() if compiled else _chunk_loss_and_grads
     return LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, chunk_fn), int(targets.numel())
+
+
+def _full_logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -130,17 +139,12 @@ def _plain_head(model):
         return None
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get else None
-    if type(head) is not torch.nn.Linear or head.bias is not None or not _whole_here(head.weight, head):
+    # FSDP2 makes the head an instance of a subclass of its own (FSDPLinear), with Linear's forward
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward or head.bias is not None:
+        return None
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: outside the module's call an empty placeholder
         return None
     return head
-
-
-def _whole_here(weight, head) -> bool:
-    """False when FSDP or DeepSpeed ZeRO-3 shards the weight: outside the module's own forward this
-    process then holds a piece (a DTensor, or an empty placeholder), so only the module can apply it."""
-    if hasattr(weight, "ds_id") or type(weight.data).__name__ == "DTensor":
-        return False
-    return tuple(weight.shape) == (head.out_features, head.in_features)
 
 
 @contextlib.contextmanager
