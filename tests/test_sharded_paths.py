@@ -23,21 +23,22 @@ def two_sentiment_rows(tokenizer) -> dict:
     return collate(items, packing=False, pad_id=2)
 
 
-def record_head_widths(model) -> list[int]:
-    """What the head's calls return, appended to the list: hidden states (tunelab's chunked head ran
-    after it) or logits (the head applied itself)."""
-    widths = []
-    model.get_output_embeddings().register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
-    return widths
+def record_head_calls(model) -> list:
+    """What the head's calls return, appended to the list: "loss" (tunelab's chunked loss ran in the
+    call) or the logits' width (the model applied the head as it is)."""
+    calls = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: calls.append("loss" if out.dim() == 0 else out.shape[-1]))
+    return calls
 
 
 @pytest.mark.parametrize("head_group_resharded", [False, True])
 def test_fsdp2_as_accelerate_wraps_a_model_keeps_the_chunked_head(tiny_model_dir, tokenizer, tmp_path,
                                                                    head_group_resharded):
-    """accelerate's FSDP2 keeps the output head's group (head, final norm, tied embedding) gathered from
-    the forward until backward, so the chunked head runs under FSDP too (it never holds the answer
-    tokens' full logits), with the loss and gradients of the unwrapped model. Were the group resharded
-    after the forward, the head module applies itself, with the same results. One gloo process."""
+    """FSDP2 gathers the output head's weight for the head's call, where the chunked loss runs, so it
+    runs under FSDP too (never holding the answer tokens' full logits), with the loss and gradients
+    of the unwrapped model; whether the head's group (head, final norm, tied embedding, as accelerate
+    groups them) is resharded after the forward or kept until backward. One gloo process."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
@@ -54,11 +55,12 @@ def test_fsdp2_as_accelerate_wraps_a_model_keeps_the_chunked_head(tiny_model_dir
         fully_shard([model.model.norm, model.get_input_embeddings(), model.get_output_embeddings()],
                     reshard_after_forward=head_group_resharded)
         fully_shard(model)
-        widths = record_head_widths(model)
+        with torch.no_grad():  # as validation runs it, before and between training steps
+            assert token_loss_sum(model, batch)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+        calls = record_head_calls(model)
         sharded_loss, sharded_n = token_loss_sum(model, batch)
         sharded_loss.backward()
-        # the chunked head ran after the identity head; or the head applied itself after it
-        assert widths == [model.config.hidden_size] + [model.config.vocab_size] * head_group_resharded
+        assert calls == ["loss"]
         assert sharded_n == n > 0 and sharded_loss.item() == pytest.approx(loss.item(), rel=1e-6)
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     finally:
@@ -82,15 +84,15 @@ def test_a_sharded_head_gives_the_same_loss_and_gradients(tiny_model_dir, tokeni
         return loss.item(), n, model.get_output_embeddings().weight.grad.clone()
 
     head = model.get_output_embeddings()
-    widths = record_head_widths(model)
+    calls = record_head_calls(model)
     chunked = loss_and_grad()
-    assert widths == [model.config.hidden_size]
+    assert calls == ["loss"]
     head.weight.ds_id = 0  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
     try:
         by_model = loss_and_grad()
     finally:
         del head.weight.ds_id
-    assert widths[1:] == [model.config.vocab_size]  # the other path really ran
+    assert calls[1:] == [model.config.vocab_size]  # the other path really ran
     assert by_model[1] == chunked[1] > 0
     assert by_model[0] == pytest.approx(chunked[0], rel=1e-5)
     assert torch.allclose(by_model[2], chunked[2], rtol=1e-4, atol=5e-5)  # fp32 rounding: 7.4e-6 seen on AMD Zen 4

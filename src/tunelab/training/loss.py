@@ -1,14 +1,13 @@
 """Cross-entropy over answer tokens that never holds [answer tokens x vocabulary] logits at once.
 
-Under FSDP2 (as accelerate wraps a model) the head's weight is gathered for the model's forward and
-stays whole until backward, so the chunked head runs there too (were it a shard again after the
-forward, the head module would apply itself, its hooks gathering the weight). Under DeepSpeed ZeRO-3
-the model applies its own head (DeepSpeed gathers weights along the module calls it has traced), and
-the loss takes the answer positions' full logits.
+The chunked loss runs inside the head module's own call (the model returns it in place of the
+logits), so where FSDP shards the weights its hooks have gathered the head's weight there, as for
+any layer. Under DeepSpeed ZeRO-3 (not run here) the model applies its own head and the loss takes
+the answer positions' full logits.
 
-The model runs with its output head swapped for identity, so it returns the final hidden states
-at the answer positions only (`logits_to_keep` as a boolean mask: prompt tokens never reach the
-head). The head and the cross-entropy then run CHUNK rows at a time, and each chunk's gradient
+The model runs with its output head's forward swapped for the loss: the head receives the final
+hidden states at the answer positions only (`logits_to_keep` as a boolean mask: prompt tokens never
+reach the head), and the product and the cross-entropy run CHUNK rows at a time; each chunk's gradient
 (softmax - one-hot, times the head) is computed right there in the forward pass, as Liger's fused
 linear cross-entropy does: the loss is a sum, so its gradient only needs scaling by the number
 backward brings. A chunk's logits are freed before the next one, nothing is recomputed in
@@ -16,7 +15,6 @@ backward, and with a 49k vocabulary that is most of a step's memory and ~15% of 
 (bench/RESULTS.md).
 """
 
-import contextlib
 import functools
 
 import torch
@@ -47,20 +45,20 @@ def token_loss_sum(model, batch: dict, compiled: bool = False) -> tuple[torch.Te
     head = _plain_head(model)
     if head is None:  # a head with extras (soft-capping, scaling): let the model apply it
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        return _full_logits_loss(logits, targets)
-    with _identity(head):
-        hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    if type(head.weight.data).__name__ == "DTensor":  # an FSDP2 shard still, after the forward
-        return _full_logits_loss(head(hidden), targets)
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+        logits = logits.reshape(-1, logits.shape[-1])
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
     chunk_fn = _compiled_chunk_loss_and_grads() if compiled else _chunk_loss_and_grads
-    return LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, chunk_fn), int(targets.numel())
 
+    def loss_of(hidden):  # the head's forward for this call: its weight is whole here, even under FSDP
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+        return LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, chunk_fn)
 
-def _full_logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+    head.forward = loss_of
+    try:
+        return model(**inputs, logits_to_keep=keep, use_cache=False).logits, int(targets.numel())
+    finally:
+        del head.forward
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -142,19 +140,6 @@ def _plain_head(model):
     # FSDP2 makes the head an instance of a subclass of its own (FSDPLinear), with Linear's forward
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward or head.bias is not None:
         return None
-    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: outside the module's call an empty placeholder
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 (not run here): the model's own path, as DeepSpeed tests it
         return None
     return head
-
-
-@contextlib.contextmanager
-def _identity(module: torch.nn.Module):
-    module.forward = _pass_through
-    try:
-        yield
-    finally:
-        del module.forward
-
-
-def _pass_through(x):
-    return x
