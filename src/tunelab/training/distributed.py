@@ -3,9 +3,9 @@
 DDP (and a single process) keeps a whole model and a whole optimizer on every process, so the loop
 reads weights directly and the main process saves everything. FSDP and DeepSpeed ZeRO-3 split the
 parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the optimizer states:
-- parameters outside a forward pass are shards: FSDP2 keeps the output head gathered from the
-  forward until backward, so tunelab's chunked head runs there; under ZeRO-3 the model applies its
-  own head (training/loss.py);
+- parameters outside a module's call are shards, so tunelab's chunked loss runs inside the output
+  head's call, where FSDP has gathered its weight; under ZeRO-3 the model applies its own head
+  (training/loss.py);
 - saving gathers the full weights on every process first (a collective: all must call it);
 - each process's optimizer state is only its shard: under FSDP each process saves its own into the
   checkpoint (optimizer-rank<r>.pt), which a run resumed with as many processes loads; DeepSpeed's
