@@ -104,6 +104,23 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path, me
         torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_fsdp_validation_with_a_share_one_short_matches_one_process(tiny_config, tmp_path):
+    """Validation splits its micro batches between the processes; under FSDP every forward is a
+    collective, so the process with one fewer runs one more, left out of the loss (it hung before)."""
+    one, two = write_configs(tiny_config, tmp_path)
+    for config in (one, two):
+        raw = yaml.safe_load(config.read_text())
+        raw["data"]["val_fraction"] = 0.4  # 5 of the 12 rows: 3 micro batches of 2, one process gets 1
+        config.write_text(yaml.safe_dump(raw))
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
+    proc = accelerate_launch(FSDP_YAML, two)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "7 train / 5 validation" in " ".join(proc.stdout.split()), proc.stdout[-2000:]
+    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
+    val_one, val_two = ([r["val_loss"] for r in read_metrics(run) if "val_loss" in r] for run in (run_one, run_two))
+    assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)  # before and after training
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_run_resumed_under_the_launcher_ends_as_one_never_interrupted(tiny_config, tmp_path, strategy):
     """Checkpoints under DDP hold the whole AdamW state, under FSDP each process's shard of it, so a

@@ -422,18 +422,25 @@ def _rope_outside_graph(decoder) -> None:
 @torch.no_grad()
 def validation_loss(model, items, micro_batch_size: int, packing: bool, pad_id: int, autocast,
                     accelerator=None) -> float:
-    """Mean loss per answer token over `items` (each process takes a share under DDP)."""
+    """Mean loss per answer token over `items` (each process takes a share of the micro batches)."""
     was_training = model.training
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     dev = next(model.parameters()).device
     total, count = 0.0, 0
     chunks = [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
-    for chunk in chunks[rank::world]:
+    mine = chunks[rank::world]
+    # Where the weights are sharded every forward gathers them from all processes, so each must run
+    # as many: a process with a share one short runs one more forward and leaves its loss out
+    # (uneven shares hung under FSDP)
+    lockstep = accelerator is not None and world > 1 and distributed.shards_parameters(accelerator)
+    spare = -(-len(chunks) // world) - len(mine) if lockstep else 0
+    for chunk, counted in [(c, True) for c in mine] + [(chunks[0], False)] * spare:
         batch = {k: v.to(dev) for k, v in collate(chunk, packing, pad_id).items()}
         with autocast:
             s, n = token_loss_sum(model, batch)
-        total, count = total + s.item(), count + n
+        if counted:
+            total, count = total + s.item(), count + n
     if accelerator and world > 1:
         total, count = _sum_over_processes(accelerator, total), int(_sum_over_processes(accelerator, count))
     model.train(was_training)
