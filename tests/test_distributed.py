@@ -18,10 +18,12 @@ DDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "dd
 FSDP_YAML = DDP_YAML.with_name("fsdp.yaml")
 
 
-def write_configs(tiny_config, tmp_path, method: "str | None" = None, **train) -> tuple[Path, Path]:
+def write_configs(tiny_config, tmp_path, method: "str | None" = None, val_fraction: float = 0,
+                  **train) -> tuple[Path, Path]:
     """one.yaml: one process, grad_accum_steps 2; two.yaml: grad_accum_steps 1, for two processes.
     method: instead of tiny_config's; train: more train settings."""
-    base = {**tiny_config, **({"method": method} if method else {}), "data": {**tiny_config["data"], "val_fraction": 0},
+    base = {**tiny_config, **({"method": method} if method else {}),
+            "data": {**tiny_config["data"], "val_fraction": val_fraction},
             "train": {**tiny_config["train"], "max_steps": 3, "micro_batch_size": 2, "compile": False, **train}}
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump({**base, "name": "one", "train": {**base["train"], "grad_accum_steps": 2}}))
@@ -107,11 +109,8 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path, me
 def test_fsdp_validation_with_a_share_one_short_matches_one_process(tiny_config, tmp_path):
     """Validation splits its micro batches between the processes; under FSDP every forward is a
     collective, so the process with one fewer runs one more, left out of the loss (it hung before)."""
-    one, two = write_configs(tiny_config, tmp_path)
-    for config in (one, two):
-        raw = yaml.safe_load(config.read_text())
-        raw["data"]["val_fraction"] = 0.4  # 5 of the 12 rows: 3 micro batches of 2, one process gets 1
-        config.write_text(yaml.safe_dump(raw))
+    # 5 of the 12 rows: 3 micro batches of 2, one process gets 1
+    one, two = write_configs(tiny_config, tmp_path, val_fraction=0.4)
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
     proc = accelerate_launch(FSDP_YAML, two)
     assert proc.returncode == 0, proc.stderr[-2000:]
