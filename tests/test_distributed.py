@@ -1,7 +1,8 @@
 """The same loop under torchrun and `accelerate launch`: two CPU processes (gloo) = one process with
-the doubled batch, under DDP (examples/accelerate/ddp.yaml, or torchrun alone) and FSDP2
-(examples/accelerate/fsdp.yaml, which tunelab switches on for CPUs; accelerate alone would run DDP).
-DeepSpeed needs GPUs."""
+the doubled batch, under DDP (examples/accelerate/ddp.yaml, or torchrun alone), FSDP2
+(examples/accelerate/fsdp.yaml) and DeepSpeed ZeRO-2/3 (examples/accelerate/deepspeed_zero*.yaml),
+which tunelab switches on for CPUs (accelerate alone would run DDP). The DeepSpeed cases skip where
+deepspeed is not installed (the [test] extra installs it)."""
 
 import shutil
 import subprocess
@@ -16,6 +17,14 @@ from tunelab.runs import read_metrics
 
 DDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp.yaml"
 FSDP_YAML = DDP_YAML.with_name("fsdp.yaml")
+LAUNCH_YAMLS = {"ddp": DDP_YAML, "fsdp": FSDP_YAML, "zero2": DDP_YAML.with_name("deepspeed_zero2.yaml"),
+                "zero3": DDP_YAML.with_name("deepspeed_zero3.yaml")}
+
+
+def launch_yaml(strategy: str) -> Path:
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    return LAUNCH_YAMLS[strategy]
 
 
 def write_configs(tiny_config, tmp_path, method: "str | None" = None, val_fraction: float = 0,
@@ -86,19 +95,25 @@ def accelerate_launch(accelerate_yaml: Path, config: Path, *args: str) -> subpro
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("method, weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
-def test_fsdp_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path, method, weights):
-    """The README's FSDP command, on CPUs: each process holds half of every weight and of AdamW's
-    moments, and the run trains as one process with the doubled accumulation; final/ holds the
-    whole weights, gathered, the tied output head saved once as one process saves it."""
+@pytest.mark.parametrize("strategy, method", [("fsdp", "full"), ("fsdp", "lora"), ("zero2", "full"),
+                                              ("zero3", "full"), ("zero3", "lora")])
+def test_sharded_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path, strategy, method):
+    """The README's FSDP and DeepSpeed commands, on CPUs: each process holds half of AdamW's moments
+    (and under FSDP and ZeRO-3 half of every weight: transformers loads it partitioned under ZeRO-3),
+    and the run trains as one process with the doubled accumulation; final/ holds the whole
+    weights, gathered, the tied output head saved once as one process saves it."""
     from safetensors.torch import load_file
 
-    lr = {"learning_rate": 1e-3} if method == "full" else {}
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    # weight decay: on the matrices only, which ZeRO-3 hands over as empty 1-d shells
+    lr = {"learning_rate": 1e-3, "weight_decay": 0.1} if method == "full" else {}
     one, two = write_configs(tiny_config, tmp_path, method=method, **lr)
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
-    proc = accelerate_launch(FSDP_YAML, two)
+    proc = accelerate_launch(launch_yaml(strategy), two)
     check_same_as_one_process(tmp_path, proc, weights=weights)
-    assert "2 processes, FSDP" in " ".join(proc.stdout.split()), proc.stdout[-2000:]
+    said = " ".join(proc.stdout.split())
+    assert f"2 processes, {'FSDP' if strategy == 'fsdp' else 'DEEPSPEED'}" in said, proc.stdout[-2000:]
+    assert "1.6M parameters" in said  # counted whole where ZeRO-3 partitioned them
     (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
     w_one, w_two = (load_file(run / "final" / weights) for run in (run_one, run_two))
     assert w_one.keys() == w_two.keys()
@@ -120,16 +135,17 @@ def test_fsdp_validation_with_a_share_one_short_matches_one_process(tiny_config,
     assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)  # before and after training
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
 def test_a_run_resumed_under_the_launcher_ends_as_one_never_interrupted(tiny_config, tmp_path, strategy):
-    """Checkpoints under DDP hold the whole AdamW state, under FSDP each process's shard of it, so a
-    run resumed under the same launcher ends with exactly the weights of one never interrupted. Under
-    FSDP, one process resuming it starts the moments from zero (the shards were cut for two), and says so."""
+    """Checkpoints under DDP hold the whole AdamW state, under FSDP and DeepSpeed each process's
+    shard of it, so a run resumed under the same launcher ends with exactly the weights of one never
+    interrupted (under ZeRO-3 loaded into a model transformers loaded partitioned). Sharded, one
+    process resuming it starts the moments from zero (the shards were cut for two), and says so."""
     from safetensors.torch import load_file
 
-    launch_yaml = DDP_YAML if strategy == "ddp" else FSDP_YAML
+    launch = launch_yaml(strategy)
     _, two = write_configs(tiny_config, tmp_path, method="full", learning_rate=1e-3, save_every_n_steps=1)
-    assert accelerate_launch(launch_yaml, two).returncode == 0
+    assert accelerate_launch(launch, two).returncode == 0
     run, losses = run_losses(tmp_path / "runs", "two")
     step2 = run / "checkpoints" / "step-000002"
     saved = ["optimizer.pt"] if strategy == "ddp" else ["optimizer-rank0.pt", "optimizer-rank1.pt"]
@@ -142,12 +158,12 @@ def test_a_run_resumed_under_the_launcher_ends_as_one_never_interrupted(tiny_con
         return subprocess.run([*launcher, "-m", "tunelab", "train", str(run / "config.yaml"), "--resume"],
                               capture_output=True, text=True, timeout=600)
 
-    proc = resume(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_yaml))
+    proc = resume(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch))
     assert proc.returncode == 0 and "resumed from" in proc.stdout and "moments start again" not in proc.stdout
     assert run_losses(tmp_path / "runs", "two")[1] == losses
     resumed = load_file(run / "final" / "model.safetensors")
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
-    if strategy == "fsdp":
+    if strategy != "ddp":
         proc = resume(sys.executable)  # one process
         assert proc.returncode == 0 and "moments start again from zero" in " ".join(proc.stdout.split())
 
@@ -162,11 +178,13 @@ def test_stepping_in_backward_under_ddp_is_refused(tiny_config, tmp_path):
     assert "train.optimizer_in_backward=true under ddp with 2 process(es)" in output, output[-3000:]
 
 
-def test_sharding_on_cpus_says_what_accelerate_would_quietly_do(monkeypatch, capsys):
-    """On CPUs accelerate runs an FSDP or DeepSpeed launch as DDP; FSDP1 cannot be switched on
-    there (it wants GPUs), and DeepSpeed cannot at all: the first is refused, the second warned of."""
+def test_sharding_on_cpus_refuses_what_it_cannot_switch_on(monkeypatch):
+    """On CPUs accelerate runs an FSDP or DeepSpeed launch as DDP; tunelab switches them on, but
+    FSDP1 cannot be there (it wants GPUs), nor DeepSpeed where it is not installed: both refused,
+    saying what to do, rather than quietly run as DDP."""
     from types import SimpleNamespace
 
+    import accelerate.utils
     from accelerate.utils import DistributedType
 
     from tunelab.errors import RunError
@@ -181,7 +199,8 @@ def test_sharding_on_cpus_says_what_accelerate_would_quietly_do(monkeypatch, cap
         sharding_on_cpus(accelerator())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(accelerate.utils, "is_deepspeed_available", lambda: False)
     a = accelerator()
-    sharding_on_cpus(a)
+    with pytest.raises(RunError, match="pip install deepspeed"):
+        sharding_on_cpus(a)
     assert a.state.distributed_type == DistributedType.MULTI_CPU
-    assert "DeepSpeed runs on GPUs only" in " ".join(capsys.readouterr().out.split())

@@ -221,15 +221,19 @@ def _load_run(path: Path, dtype, dev, chat_template, trust_remote_code, quant: Q
     return model, tok
 
 
+def _numel(p) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # DeepSpeed ZeRO-3 leaves an empty shell, whole size in ds_numel
+
+
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
 
 
 def describe_model(model) -> str:
     """'134.5M parameters, trainable 4.9M (3.65%), weights 538 MB' — printed when a run starts."""
     total, trainable = count_parameters(model)
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    nbytes = sum(_numel(p) * p.element_size() for p in model.parameters())
     return (f"{total / 1e6:.1f}M parameters, trainable {trainable / 1e6:.2f}M "
             f"({100 * trainable / max(total, 1):.2f}%), weights {nbytes / 1e6:.0f} MB")

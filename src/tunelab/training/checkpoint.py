@@ -2,7 +2,7 @@
 
 checkpoints/step-000200/
   adapter_model.safetensors + adapter_config.json   (lora)  or  model*.safetensors (full)
-  optimizer.pt, or under FSDP optimizer-rank<r>.pt (each process's shard; not under DeepSpeed),
+  optimizer.pt, or under FSDP and DeepSpeed optimizer-rank<r>.pt (each process's shard),
   scheduler.pt, rng-<rank>.pt, trainer_state.json
 Each is written into a temporary folder that is renamed when complete, so a crash or Ctrl-C
 never leaves a half-written checkpoint behind.
@@ -78,8 +78,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
 
 def save_optimizer_shard(run_dir: Path, step: int, optimizer, rank: int) -> Path:
-    """Every process, under FSDP: its shard of the optimizer state (DTensors, saved as their local
-    parts) into a folder beside the checkpoint, which the main process then moves into it."""
+    """Every process, under FSDP or DeepSpeed: its shard of the optimizer state (FSDP's DTensors as
+    their local parts; DeepSpeed's AdamW over this process's flat slice of the weights) into a
+    folder beside the checkpoint, which the main process then moves into it."""
     from torch.distributed.tensor import DTensor
 
     shards = step_dir(run_dir, step).with_name(f".step-{step:06d}.shards")
@@ -92,26 +93,35 @@ def save_optimizer_shard(run_dir: Path, step: int, optimizer, rank: int) -> Path
     return shards
 
 
-def load_optimizer(folder: Path, optimizer, rank: int = 0, world: int = 1) -> bool:
+def load_optimizer(folder: Path, optimizer, rank: int = 0, world: int = 1, sharded: bool = False) -> bool:
     """The checkpoint's optimizer state into `optimizer`, where it holds one for it: optimizer.pt for
-    a whole optimizer, one shard per process for an FSDP one (the shards are cut by the number of
-    processes, so only as many as this run has). False where it does not: the moments start at zero."""
+    a whole optimizer, one shard per process for a sharded one (FSDP, DeepSpeed: the shards are cut
+    by the number of processes, so only as many as this run has, each the shape of this process's
+    slice). False where it does not: the moments start at zero."""
     from torch.distributed.tensor import DTensor
 
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
-    if not any(isinstance(p, DTensor) for p in params):
+    if not sharded:
         if not (folder / "optimizer.pt").is_file():
             return False
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        sd = torch.load(folder / "optimizer.pt", weights_only=True)
+        sd["param_groups"] = [g for g in sd["param_groups"] if g["params"]]  # saved before empty groups were left out
+        optimizer.load_state_dict(sd)
         return True
     if len(list(folder.glob("optimizer-rank*.pt"))) != world:
         return False
     sd = torch.load(folder / f"optimizer-rank{rank}.pt", weights_only=True)
+    if len(sd["state"]) != len(params):
+        return False
     for i, st in sd["state"].items():
         p = params[i]
-        for k, v in st.items():
-            if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 and v.shape == p.to_local().shape:
-                st[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        local = p.to_local() if isinstance(p, DTensor) else p
+        moments = {k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
+        if any(st[k].shape != local.shape for k in moments):
+            return False  # cut for another layout (another strategy's shards)
+        if isinstance(p, DTensor):
+            for k in moments:
+                st[k] = DTensor.from_local(st[k], p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
     optimizer.load_state_dict(sd)
     return True
 
@@ -129,11 +139,27 @@ def load_weights(folder: Path, model, method: str) -> None:
         weights = {}
         for f in sorted(folder.glob("model*.safetensors")):
             weights.update(load_file(f))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned by DeepSpeed ZeRO-3
+            missing, unexpected = _load_into_zero3(model, weights)
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = {"lm_head.weight"}  # tied to the input embeddings, saved once
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
+
+
+def _load_into_zero3(model, weights: dict) -> tuple[list, list]:
+    """Under DeepSpeed ZeRO-3 transformers loads the model already partitioned (each parameter an
+    empty shell holding its slice): gather each whole, copy, and partition it again."""
+    import deepspeed
+
+    named = dict(model.named_parameters())
+    for name, value in weights.items():
+        if name in named:
+            with deepspeed.zero.GatheredParameters([named[name]], modifier_rank=0):
+                named[name].data.copy_(value)  # every process read the file; rank 0's copy is kept
+    return [n for n in named if n not in weights], [n for n in weights if n not in named]
 
 
 def load_training_state(folder: Path, optimizer, scheduler, rank: int = 0) -> dict:

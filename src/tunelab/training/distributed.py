@@ -17,6 +17,7 @@ DDP and FSDP are tested here on 2 CPU processes (gloo, tests/test_distributed.py
 """
 
 import os
+from contextlib import contextmanager
 
 from tunelab.errors import RunError
 
@@ -41,12 +42,30 @@ def sharding_on_cpus(accelerator) -> None:
         state.fsdp_plugin = plugin
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
-    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and accelerator.is_main_process:
-        from tunelab.log import info
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _deepspeed_on_cpus(accelerator)
 
-        info("[yellow]warning:[/] DeepSpeed runs on GPUs only; on these CPUs accelerate runs the processes as DDP, "
-             "each holding the whole model, gradients and optimizer state (FSDP, examples/accelerate/fsdp.yaml, "
-             "shards them on CPUs too)")
+
+def _deepspeed_on_cpus(accelerator) -> None:
+    """accelerate's own DeepSpeed switch (AcceleratorState with cpu=False), over the gloo group
+    that is already up: DeepSpeed's CPU accelerator speaks gloo when oneCCL is not installed."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, is_deepspeed_available
+
+    if not is_deepspeed_available():
+        raise RunError("the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed "
+                       "(or launch with examples/accelerate/fsdp.yaml, which shards on CPUs without it)")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # joins the existing group
+    state = accelerator.state
+    plugin = DeepSpeedPlugin()  # read from the launcher's environment, as Accelerator() does on GPUs
+    plugin.set_mixed_precision("no")  # tunelab's autocast does the bf16 compute
+    plugin.select(_from_accelerator_state=True)
+    state.deepspeed_plugins = plugin
+    state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    accelerator.deepspeed_engine_wrapped = None
 
 
 def strategy(accelerator) -> str:
@@ -68,6 +87,26 @@ def shards_parameters(accelerator) -> bool:
 
 def shards_optimizer(accelerator) -> bool:
     return strategy(accelerator) in ("fsdp", "deepspeed")
+
+
+@contextmanager
+def local_optimizer(accelerator, optimizer):
+    """The optimizer whose state_dict is this process's own: under DeepSpeed the AdamW that ZeRO
+    steps on this process's flat slice of the weights (its engine's own save would write the
+    weights again, in its own format). ZeRO-3 hands that AdamW its slices only while it steps
+    (so does its own state_dict); they are handed over for as long as this lasts."""
+    if strategy(accelerator) != "deepspeed":
+        yield optimizer
+        return
+    zero = optimizer.optimizer  # accelerate's wrapper -> ZeRO's optimizer -> AdamW
+    if not hasattr(zero, "_set_fp32_optimizer_param_groups"):  # ZeRO 1 and 2
+        yield zero.optimizer
+        return
+    zero._set_fp32_optimizer_param_groups()
+    try:
+        yield zero.optimizer
+    finally:
+        zero._clear_fp32_optimizer_param_groups()
 
 
 def configure_deepspeed(accelerator, train) -> None:

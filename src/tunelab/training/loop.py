@@ -209,9 +209,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0}
     if start_ckpt is not None:
         state = ckpt.load_training_state(start_ckpt, None, scheduler, accelerator.process_index)
-        # DeepSpeed's engine keeps its optimizer state to itself
-        restored = distributed.strategy(accelerator) != "deepspeed" and ckpt.load_optimizer(
-            start_ckpt, optimizer, accelerator.process_index, world)
+        with distributed.local_optimizer(accelerator, optimizer) as local:
+            restored = ckpt.load_optimizer(start_ckpt, local, accelerator.process_index, world,
+                                           distributed.shards_optimizer(accelerator))
         if is_main:
             truncate_metrics(run_dir, state["step"])
         info(f"resumed from {start_ckpt} (step {state['step']})"
@@ -478,8 +478,9 @@ def _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator) -
     """Called on every process: gathering sharded weights needs them all; the main one writes."""
     gathered = distributed.full_state_dict(accelerator, model)
     shards = None
-    if distributed.strategy(accelerator) == "fsdp":  # each process saves its shard of AdamW's moments
-        shards = ckpt.save_optimizer_shard(run_dir, step, optimizer, accelerator.process_index)
+    if distributed.shards_optimizer(accelerator):  # each process saves its shard of AdamW's moments
+        with distributed.local_optimizer(accelerator, optimizer) as local:
+            shards = ckpt.save_optimizer_shard(run_dir, step, local, accelerator.process_index)
         accelerator.wait_for_everyone()
     path = ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model),
                                 None if distributed.shards_optimizer(accelerator) else optimizer, scheduler, state,

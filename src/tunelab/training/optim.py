@@ -17,10 +17,13 @@ def build_optimizer(model, cfg: TrainConfig, compiled: bool = False, seed: int =
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # norms and biases are not decayed (standard practice since BERT)
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        # norms and biases are not decayed (standard practice since BERT); under DeepSpeed ZeRO-3 a
+        # weight is an empty 1-d shell here and keeps its shape in ds_shape
+        (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
+    # an empty group (LoRA has no norms or biases to train) is left out: DeepSpeed drops it from
+    # the optimizer it is given, and the schedule would then be one group ahead of it
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if cfg.optimizer == "adamw_8bit":
         # Dettmers et al. 2021, "8-bit Optimizers via Block-wise Quantization": both moments stored
         # as uint8 with one fp32 scale per block of 256, dequantized per tensor inside the step.
