@@ -1,8 +1,9 @@
-"""Full fine-tuning on CPU processes: one process, DDP and FSDP (two processes over gloo), in one run.
+"""Full fine-tuning on CPU processes: one process, DDP, FSDP and DeepSpeed ZeRO-2/3 (two processes
+over gloo), in one run.
 
-What FSDP buys on CPUs: each process holds half of every weight, gradient and AdamW moment, so two
-machines (or two NUMA sockets) can fully fine-tune a model whose fp32 state (16 bytes a parameter)
-does not fit in one. Same model, data and batch as bench/train_speed.py's full rows (SmolLM2-135M,
+What FSDP and ZeRO-3 buy on CPUs: each process holds half of every weight, gradient and AdamW
+moment (ZeRO-2: of the gradients and moments only), so two machines (or two NUMA sockets) can fully
+fine-tune a model whose fp32 state (16 bytes a parameter) does not fit in one. Same model, data and batch as bench/train_speed.py's full rows (SmolLM2-135M,
 the alpaca demo, 8 rows per optimizer step, max_seq_len 512, compiled): one process takes micro
 batches of 8; two processes take 4 each. On one 2-core machine each of the two gets one core, so
 the tokens/s say what the collectives cost, not what a second machine would add.
@@ -12,7 +13,9 @@ Prints tokens/s (the first step untimed), the peak RSS of each process, and the 
 --shape 360m: SmolLM2's 360M shape with random weights (see train_speed.py), where the fp32 state
 (5.8 GB) outweighs what every process holds anyway (libraries, compiled code, activations).
 
-usage: python bench/fsdp_cpu.py [--steps 10] [--shape 135m|360m] [--shared ../shared]
+usage: python bench/fsdp_cpu.py [--steps 10] [--shape 135m|360m] [--setups "one process,ddp,fsdp,zero2,zero3"]
+                                [--shared ../shared]
+(zero2/zero3 need `pip install deepspeed`)
 """
 
 import argparse
@@ -26,8 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from train_speed import bench_inputs, tunelab_config  # noqa: E402
 
-LAUNCH = {"ddp": HERE.parent / "examples" / "accelerate" / "ddp.yaml",
-          "fsdp": HERE.parent / "examples" / "accelerate" / "fsdp.yaml"}
+EXAMPLES = HERE.parent / "examples" / "accelerate"
+LAUNCH = {"ddp": EXAMPLES / "ddp.yaml", "fsdp": EXAMPLES / "fsdp.yaml",
+          "zero2": EXAMPLES / "deepspeed_zero2.yaml", "zero3": EXAMPLES / "deepspeed_zero3.yaml"}
 
 
 def worker(config_path: str) -> None:
@@ -73,6 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--shape", default="135m", choices=["135m", "360m"])
+    p.add_argument("--setups", default="one process,ddp,fsdp,zero2,zero3")
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -81,7 +86,7 @@ def main() -> None:
     model, data = bench_inputs(Path(a.shared), a.shape)
     print(f"full fine-tuning, SmolLM2-{a.shape.upper()}, 8 rows a step, {a.steps} steps (the first untimed)\n")
     print(f"{'setup':14} {'tokens/s':>9} {'peak RSS MB per process':>26} {'last loss':>10}")
-    for setup in ("one process", "ddp", "fsdp"):
+    for setup in a.setups.split(","):
         r = run(setup, str(model), str(data), a.steps)
         rss = " / ".join(f"{x:.0f}" for x in r["rss"])
         print(f"{r['setup']:14} {r['tokens_per_s']:9.1f} {rss:>26} {r['last_loss']:10.4f}", flush=True)

@@ -118,6 +118,13 @@ def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_config():
     assert acc.gradient_accumulation_steps == 3 and distributed.loss_scale(acc) == 3
     assert distributed.shards_optimizer(acc) and not distributed.shards_parameters(acc)
     assert distributed.shards_parameters(fake_deepspeed(3))
+    # DeepSpeed's 5e8-element buckets (2 GB per process) left to accelerate's sizing by hidden size;
+    # a size the config sets is kept
+    acc = fake_deepspeed(3, zero_optimization={"stage": 3, "reduce_bucket_size": 1000})
+    distributed.configure_deepspeed(acc, train)
+    zero = acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": "auto",
+                    "stage3_param_persistence_threshold": "auto"}
 
 
 def test_a_deepspeed_config_that_disagrees_with_train_stops_with_the_fix():

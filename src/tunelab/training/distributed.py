@@ -123,6 +123,11 @@ def configure_deepspeed(accelerator, train) -> None:
             raise RunError(f"the DeepSpeed config sets {key}={ds[key]} but train.{name}={value}; remove {key} "
                            f"from the accelerate/DeepSpeed config (tunelab sets it from train.{name})")
         ds[key] = value
+    # DeepSpeed's own bucket sizes (5e8 elements: 2 GB of fp32 buffer per process) suit GPUs with tens
+    # of GB; "auto" has accelerate size them from the model's hidden size, as HF's Trainer docs advise
+    zero = ds.setdefault("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        zero.setdefault(key, "auto")
     accelerator.gradient_accumulation_steps = train.grad_accum_steps
 
 
