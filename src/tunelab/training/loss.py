@@ -140,6 +140,4 @@ def _plain_head(model):
     # FSDP2 makes the head an instance of a subclass of its own (FSDPLinear), with Linear's forward
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward or head.bias is not None:
         return None
-    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 (not run here): the model's own path, as DeepSpeed tests it
-        return None
     return head
