@@ -4,16 +4,15 @@ DDP (and a single process) keeps a whole model and a whole optimizer on every pr
 reads weights directly and the main process saves everything. FSDP and DeepSpeed ZeRO-3 split the
 parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the optimizer states:
 - parameters outside a module's call are shards, so tunelab's chunked loss runs inside the output
-  head's call, where FSDP has gathered its weight; under ZeRO-3 the model applies its own head
-  (training/loss.py);
+  head's call, where FSDP or ZeRO-3 has gathered its weight (training/loss.py);
 - saving gathers the full weights on every process first (a collective: all must call it);
-- each process's optimizer state is only its shard: under FSDP each process saves its own into the
-  checkpoint (optimizer-rank<r>.pt), which a run resumed with as many processes loads; DeepSpeed's
-  are left out, and its resumed runs start the moments from zero (weights, schedule, RNG and data
-  position are restored);
+- each process's optimizer state is only its shard: each process saves its own into the checkpoint
+  (optimizer-rank<r>.pt), which a run resumed with as many processes loads;
+- under ZeRO-3 transformers loads the model already partitioned (each weight an empty shell with
+  its shape in ds_shape), which what runs before `prepare` takes into account;
 - DeepSpeed runs the optimizer step inside backward once every `gradient_accumulation_steps`
   micro batches and divides each loss by that number itself, so it is told ours.
-DDP and FSDP are tested here on 2 CPU processes (gloo, tests/test_distributed.py); DeepSpeed needs GPUs.
+DDP, FSDP and DeepSpeed ZeRO-2/3 are tested here on 2 CPU processes (gloo, tests/test_distributed.py).
 """
 
 import os
@@ -27,7 +26,7 @@ def sharding_on_cpus(accelerator) -> None:
     devices only, so on CPUs an `accelerate launch` with an FSDP config would quietly run DDP, every
     process holding the whole model, gradients and AdamW state. FSDP2 itself shards on CPUs over
     gloo, so where the launcher asked for FSDP the state is switched to it as accelerate does on GPUs
-    (its FSDP plugin read from the same environment). DeepSpeed has no such path: said, and DDP runs."""
+    (its FSDP plugin read from the same environment), and so is DeepSpeed."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 

@@ -1,9 +1,8 @@
 """Cross-entropy over answer tokens that never holds [answer tokens x vocabulary] logits at once.
 
 The chunked loss runs inside the head module's own call (the model returns it in place of the
-logits), so where FSDP shards the weights its hooks have gathered the head's weight there, as for
-any layer. Under DeepSpeed ZeRO-3 (not run here) the model applies its own head and the loss takes
-the answer positions' full logits.
+logits), so where FSDP or DeepSpeed ZeRO-3 shard the weights their hooks have gathered the head's
+weight there, as for any layer.
 
 The model runs with its output head's forward swapped for the loss: the head receives the final
 hidden states at the answer positions only (`logits_to_keep` as a boolean mask: prompt tokens never
