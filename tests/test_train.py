@@ -93,6 +93,27 @@ def test_resume_continues_with_the_same_losses(tiny_config):
     assert losses(result.run_dir) == pytest.approx(straight, rel=1e-5)
 
 
+def test_a_checkpoint_with_an_empty_param_group_still_resumes(tiny_config, tmp_path):
+    """LoRA checkpoints written before empty param groups were left out (it trains no norms or
+    biases) hold a second, empty group in optimizer.pt and scheduler.pt."""
+    from tunelab.training.checkpoint import latest_checkpoint
+
+    base = {**tiny_config, "train": {**tiny_config["train"], "max_steps": 6, "save_every_n_steps": 3}}
+    straight = losses(tunelab.train({**base, "name": "straight"}, quiet=True).run_dir)
+    train_until_first_checkpoint({**base, "name": "resumed"})
+    (run,) = (tmp_path / "runs").glob("resumed-*")
+    step3 = latest_checkpoint(run)
+    opt, sched = torch.load(step3 / "optimizer.pt"), torch.load(step3 / "scheduler.pt")
+    assert len(opt["param_groups"]) == 1
+    opt["param_groups"].append({**opt["param_groups"][0], "params": [], "weight_decay": 0.0})
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        sched[key].append(sched[key][0])
+    torch.save(opt, step3 / "optimizer.pt")
+    torch.save(sched, step3 / "scheduler.pt")
+    result = tunelab.train({**base, "name": "resumed"}, resume=True, quiet=True)
+    assert losses(result.run_dir) == pytest.approx(straight, rel=1e-5)
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_config, monkeypatch):
     import tunelab.training.loop as loop
 

@@ -167,7 +167,12 @@ def load_training_state(folder: Path, optimizer, scheduler, rank: int = 0) -> di
     returns the trainer state."""
     if optimizer is not None:
         load_optimizer(folder, optimizer, rank)
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    sd = torch.load(folder / "scheduler.pt", weights_only=True)
+    n = len(scheduler.optimizer.param_groups)
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):  # saved before empty groups were left out (one lr for all)
+        if isinstance(sd.get(key), list):
+            sd[key] = sd[key][:n]
+    scheduler.load_state_dict(sd)
     rng = folder / f"rng-{rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))

@@ -9,7 +9,7 @@ parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the o
 - each process's optimizer state is only its shard: each process saves its own into the checkpoint
   (optimizer-rank<r>.pt), which a run resumed with as many processes loads;
 - under ZeRO-3 transformers loads the model already partitioned (each weight an empty shell with
-  its shape in ds_shape), which what runs before `prepare` takes into account;
+  its shape in ds_shape), so what runs before `prepare` reads sizes and shapes from there;
 - DeepSpeed runs the optimizer step inside backward once every `gradient_accumulation_steps`
   micro batches and divides each loss by that number itself, so it is told ours.
 DDP, FSDP and DeepSpeed ZeRO-2/3 are tested here on 2 CPU processes (gloo, tests/test_distributed.py).
