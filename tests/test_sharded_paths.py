@@ -69,9 +69,10 @@ def test_fsdp2_as_accelerate_wraps_a_model_keeps_the_chunked_head(tiny_model_dir
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_a_sharded_head_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
-    """ZeRO-3 marks its partitioned weights (ds_id) and leaves a placeholder outside forward; the loss
-    then lets the model apply its head itself, which must equal tunelab's chunked head."""
+def test_the_models_own_head_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
+    """A head with extras (softcapping, a logit scale) goes through the model's own head and the
+    answer positions' full logits, which must equal tunelab's chunked head; a head DeepSpeed ZeRO-3
+    has partitioned (ds_id) is gathered inside its own call and keeps the chunked path."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -85,13 +86,17 @@ def test_a_sharded_head_gives_the_same_loss_and_gradients(tiny_model_dir, tokeni
 
     head = model.get_output_embeddings()
     calls = record_head_calls(model)
-    chunked = loss_and_grad()
-    assert calls == ["loss"]
     head.weight.ds_id = 0  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    try:
+        chunked = loss_and_grad()
+    finally:
+        del head.weight.ds_id
+    assert calls == ["loss"]
+    model.config.logit_scale = 1.0  # names an extra (which Llama's forward ignores: the same logits)
     try:
         by_model = loss_and_grad()
     finally:
-        del head.weight.ds_id
+        del model.config.logit_scale
     assert calls[1:] == [model.config.vocab_size]  # the other path really ran
     assert by_model[1] == chunked[1] > 0
     assert by_model[0] == pytest.approx(chunked[0], rel=1e-5)
