@@ -100,7 +100,6 @@ def load_optimizer(folder: Path, optimizer, rank: int = 0, world: int = 1, shard
     slice). False where it does not: the moments start at zero."""
     from torch.distributed.tensor import DTensor
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
     if not sharded:
         if not (folder / "optimizer.pt").is_file():
             return False
@@ -111,6 +110,7 @@ def load_optimizer(folder: Path, optimizer, rank: int = 0, world: int = 1, shard
     if len(list(folder.glob("optimizer-rank*.pt"))) != world:
         return False
     sd = torch.load(folder / f"optimizer-rank{rank}.pt", weights_only=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
     if len(sd["state"]) != len(params):
         return False
     for i, st in sd["state"].items():
