@@ -4,6 +4,7 @@ the doubled batch, under DDP (examples/accelerate/ddp.yaml, or torchrun alone), 
 which tunelab switches on for CPUs (accelerate alone would run DDP). The DeepSpeed cases skip where
 deepspeed is not installed (the [test] extra installs it)."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -204,3 +205,34 @@ def test_sharding_on_cpus_refuses_what_it_cannot_switch_on(monkeypatch):
     with pytest.raises(RunError, match="pip install deepspeed"):
         sharding_on_cpus(a)
     assert a.state.distributed_type == DistributedType.MULTI_CPU
+
+
+@pytest.mark.parametrize("strategy, method", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full"),
+                                              ("zero3", "full"), ("zero3", "lora")])
+def test_generation_evaluation_during_training_answers_as_one_process(tiny_config, tmp_path, strategy, method):
+    """`eval.data` under the launcher: each process answers its share of the prompts (5 prompts: 3
+    and 2; under FSDP and ZeRO-3 the process with 2 repeats one, as each forward needs both, and
+    generation keeps their token steps together) and the main one writes every answer, in order:
+    the same answers and scores as one process's, every 2 steps and after training."""
+    from tunelab.evaluation.runner import load_items
+
+    sentiment = Path(tiny_config["data"]["train"])
+    lr = {"learning_rate": 1e-3} if method == "full" else {}
+    one, two = write_configs(tiny_config, tmp_path, method=method, **lr)
+    for config in (one, two):
+        cfg = yaml.safe_load(config.read_text())
+        cfg["eval"] = {"data": str(sentiment), "every_n_steps": 2, "limit": 5, "max_new_tokens": 6, "batch_size": 1,
+                       "labels": ["positive", "negative"]}
+        config.write_text(yaml.safe_dump(cfg))
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
+    proc = accelerate_launch(launch_yaml(strategy), two)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
+    evals_one, evals_two = ([r for r in read_metrics(run) if "eval_n" in r] for run in (run_one, run_two))
+    assert [r["step"] for r in evals_two] == [2, 3] and evals_two == evals_one
+    prompts = [it["messages"][-1]["content"] for it in load_items(sentiment, 5)]
+    for step in (2, 3):
+        answers_one, answers_two = ((run / "eval" / "training" / f"step-{step}.jsonl").read_text().splitlines()
+                                    for run in (run_one, run_two))
+        assert [json.loads(a)["prompt"] for a in answers_two] == prompts
+        assert answers_two == answers_one

@@ -294,6 +294,10 @@ def test_generation_eval_during_training(tiny_config, sentiment_file, compile):
     evals = [r for r in read_metrics(run) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4]  # every 2 steps, and after training (step 4 once)
     assert all(r["eval_n"] == 3 and 0 <= r["eval_unparseable_rate"] <= 1 for r in evals)
+    answers = [_rows(run / "eval" / "training" / f"step-{s}.jsonl") for s in (2, 4)]
+    assert [[p["id"] for p in a] for a in answers] == [[0, 1, 2]] * 2
+    # the accuracy in metrics.jsonl is the share of answers parsed to their reference label
+    assert [sum(p["correct"] for p in a) / 3 for a in answers] == [r["eval_accuracy"] for r in evals]
 
 
 def test_learning_curve_two_fractions(tiny_config, sentiment_file, tmp_path):

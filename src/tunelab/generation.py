@@ -52,10 +52,13 @@ def _generate_kwargs(tokenizer, model, s: SamplingConfig) -> dict:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None, batch_size: int = 8,
-             system_prompt: str | None = None, progress: bool = False, **overrides) -> list[str]:
+             system_prompt: str | None = None, progress: bool = False, synced: bool = False,
+             **overrides) -> list[str]:
     """Answer each prompt (a string or a list of chat messages). Returns the answers, in order.
 
-    Keyword overrides (max_new_tokens=..., temperature=...) update `sampling`.
+    Keyword overrides (max_new_tokens=..., temperature=...) update `sampling`. synced: every process
+    of a sharded model (FSDP, ZeRO-3) calls this with as many prompts, and each keeps running
+    forwards until all are done (each forward gathers weights from all of them).
     """
     s = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
     if s.seed is not None:
@@ -64,7 +67,7 @@ def generate(model, tokenizer, prompts: list, sampling: SamplingConfig | None = 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch well
     answers: list[str | None] = [None] * len(encoded)
     dev = next(model.parameters()).device
-    kw = _generate_kwargs(tokenizer, model, s)
+    kw = {**_generate_kwargs(tokenizer, model, s), "synced_gpus": synced}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from tqdm import tqdm

@@ -168,8 +168,14 @@ def _run_task(model, tokenizer, task, data, num_fewshot, limit, batch_size):
     return preds, headline, scores
 
 
-def training_eval(model, tokenizer, ecfg, step: int) -> dict:
-    """The generation evaluation a run does every `eval.every_n_steps`: a metrics.jsonl record."""
+def training_eval(model, tokenizer, ecfg, step: int, answer=None) -> "tuple[dict, list[dict]] | None":
+    """The generation evaluation a run does every `eval.every_n_steps`: a metrics.jsonl record and
+    the predictions (as in predictions.jsonl).
+
+    answer: what answers the prompts, `generate`'s arguments (model, tokenizer, prompts, sampling,
+    batch_size); under several processes each answers its share and the main one gets them all
+    (training/distributed.py), and this returns None on the others.
+    """
     from tunelab.generation import SamplingConfig, generate
 
     items = load_items(ecfg.data, ecfg.limit)
@@ -177,12 +183,14 @@ def training_eval(model, tokenizer, ecfg, step: int) -> dict:
     model.eval()
     model.config.use_cache = True  # training turns the KV cache off; generation needs it to be fast
     try:
-        answers = generate(model, tokenizer, [it["messages"] for it in items],
-                           SamplingConfig(max_new_tokens=ecfg.max_new_tokens), ecfg.batch_size)
+        answers = (answer or generate)(model, tokenizer, [it["messages"] for it in items],
+                                       SamplingConfig(max_new_tokens=ecfg.max_new_tokens), ecfg.batch_size)
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
+    if answers is None:
+        return None
     metrics = ecfg.metrics or (None if ecfg.labels else list(METRICS))
-    _, headline, _ = score_answers(items, answers, metrics, ecfg.labels or None, tokenizer, ecfg.max_new_tokens)
+    preds, headline, _ = score_answers(items, answers, metrics, ecfg.labels or None, tokenizer, ecfg.max_new_tokens)
     keys = ("accuracy", "macro_f1", "unparseable_rate") if ecfg.labels else tuple(metrics)
-    return {"step": step, "eval_n": len(items), **{f"eval_{k}": headline[k] for k in keys if k in headline}}
+    return {"step": step, "eval_n": len(items), **{f"eval_{k}": headline[k] for k in keys if k in headline}}, preds

@@ -149,6 +149,43 @@ def full_state_dict(accelerator, model) -> "dict | None":
     return state
 
 
+def generate_in_shares(accelerator, model, tokenizer, prompts: list, sampling, batch_size: int) -> "list[str] | None":
+    """`generation.generate` split between the processes: each answers every world-th prompt, and the
+    main process gets every answer in order (None elsewhere). Where the weights are sharded each
+    forward gathers them from all processes, so each process answers as many prompts (a short share
+    repeats one, left out) and generation keeps their token steps together (synced)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from tunelab.generation import generate
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world == 1:
+        return generate(model, tokenizer, prompts, sampling, batch_size)
+    mine = list(range(rank, len(prompts), world))
+    lockstep = shards_parameters(accelerator)
+    spare = -(-len(prompts) // world) - len(mine) if lockstep else 0
+    asked = mine + [mine[0] if mine else 0] * spare
+    # FSDP2 gathers the outermost module's own weights (embeddings, final norm) in that module's
+    # forward, which generation skips where the outermost is a PeftModel: gather them for its length
+    root = model if isinstance(model, FSDPModule) else None
+    if root is not None:
+        root.unshard()
+    try:
+        answers = generate(model, tokenizer, [prompts[i] for i in asked], sampling, batch_size, synced=lockstep)
+    finally:
+        if root is not None:
+            root.reshard()
+    shares: list = [None] * world
+    dist.all_gather_object(shares, list(zip(mine, answers)))  # zip leaves the repeats out
+    if not accelerator.is_main_process:
+        return None
+    ordered: list = [None] * len(prompts)
+    for i, text in (pair for share in shares for pair in share):
+        ordered[i] = text
+    return ordered
+
+
 def _zero_stage(accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return int(plugin.zero_stage) if plugin is not None else 0

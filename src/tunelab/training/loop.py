@@ -10,11 +10,13 @@ all processes). So gradient accumulation gives the same update as one large batc
 """
 
 import contextlib
+import json
 import math
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,8 +28,8 @@ from tunelab.data.prepare import prepare_data, report_warnings
 from tunelab.errors import RunError
 from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_bf16_warning
 from tunelab.log import console, info
-from tunelab.runs import (append_metrics, atomic_write_json, environment_info, last_run, new_run_dir,
-                          plot_losses, sha256_file, truncate_metrics, write_manifest)
+from tunelab.runs import (append_metrics, atomic_write_json, atomic_write_text, environment_info, last_run,
+                          new_run_dir, plot_losses, sha256_file, truncate_metrics, write_manifest)
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.lora import set_dropout_batch
@@ -308,9 +310,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                     if v is not None and is_main:
                         append_metrics(run_dir, _val_record(step, v))
                         progress.console.print(f"step {step}: validation loss {v:.4f}")
-                if is_main and cfg.eval.data and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 \
+                if cfg.eval.data and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 \
                         and step < total_steps:
-                    _generation_eval(run_dir, accelerator.unwrap_model(model), tokenizer, cfg, step, state, autocast)
+                    _generation_eval(run_dir, model, tokenizer, cfg, step, state, autocast, accelerator)
                 if cfg.train.save_every_n_steps and step % cfg.train.save_every_n_steps == 0 and step < total_steps:
                     _save(run_dir, step, model, optimizer, scheduler, state, cfg, accelerator)
     except KeyboardInterrupt:
@@ -321,6 +323,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         return TrainResult(run_dir, None, state["step"], val_before, None, interrupted=True)
 
     val_after = evaluate_val()
+    if cfg.eval.data:
+        _generation_eval(run_dir, model, tokenizer, cfg, state["step"], state, autocast, accelerator)
     state["elapsed"] = time.time() - step_start  # now including the final evaluation, as eval_s does
     train_seconds = max(state["elapsed"] - state.get("eval_s", 0.0), 1e-9)
     final_dir = run_dir / "final"
@@ -330,8 +334,6 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
             append_metrics(run_dir, _val_record(state["step"], val_after))
             info(f"validation loss after training: {val_after:.4f}"
                  + (f" (before: {val_before:.4f})" if val_before is not None else ""))
-        if cfg.eval.data:
-            _generation_eval(run_dir, accelerator.unwrap_model(model), tokenizer, cfg, state["step"], state, autocast)
         from tunelab.runs import atomic_dir
 
         with atomic_dir(final_dir) as tmp:
@@ -447,8 +449,10 @@ def validation_loss(model, items, micro_batch_size: int, packing: bool, pad_id: 
     return total / max(count, 1)
 
 
-def _generation_eval(run_dir, model, tokenizer, cfg, step: int, state: dict, autocast) -> None:
-    """Answers to `eval.data` scored like `tunelab eval`: one `eval_*` line in metrics.jsonl."""
+def _generation_eval(run_dir, model, tokenizer, cfg, step: int, state: dict, autocast, accelerator) -> None:
+    """Answers to `eval.data` scored like `tunelab eval`: one `eval_*` line in metrics.jsonl, the
+    answers in eval/training/step-<N>.jsonl. Every process answers its share of the prompts (under
+    FSDP and ZeRO-3 each forward needs them all)."""
     from tunelab.evaluation.runner import training_eval
 
     t0 = time.time()
@@ -456,8 +460,14 @@ def _generation_eval(run_dir, model, tokenizer, cfg, step: int, state: dict, aut
     # graph, one recompile per layer, past torch's limit of 8 (compile_blocks compiles layer by layer)
     eager = getattr(torch.compiler, "set_stance", None)
     with autocast, (eager("force_eager") if eager else contextlib.nullcontext()):
-        record = training_eval(model, tokenizer, cfg.eval, step)
+        result = training_eval(accelerator.unwrap_model(model), tokenizer, cfg.eval, step,
+                               answer=partial(distributed.generate_in_shares, accelerator))
     state["eval_s"] = state.get("eval_s", 0.0) + time.time() - t0  # kept out of training tokens/s
+    if result is None:  # not the main process
+        return
+    record, preds = result
+    atomic_write_text(run_dir / "eval" / "training" / f"step-{step}.jsonl",
+                      "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     append_metrics(run_dir, record)
     info(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items()
                                       if k.startswith("eval_") and k != "eval_n" and v is not None))
