@@ -98,6 +98,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny64_dir(tmp_path_factory) -> Path:
+    # bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 along the input dim: hidden 32 is too narrow
+    return make_tiny_model(tmp_path_factory.mktemp("tiny64"), hidden=64)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from tunelab.models import load_tokenizer
 

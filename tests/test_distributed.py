@@ -103,8 +103,6 @@ def test_sharded_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path,
     (and under FSDP and ZeRO-3 half of every weight: transformers loads it partitioned under ZeRO-3),
     and the run trains as one process with the doubled accumulation; final/ holds the whole
     weights, gathered, the tied output head saved once as one process saves it."""
-    from safetensors.torch import load_file
-
     weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     # weight decay: on the matrices only, which ZeRO-3 hands over as empty 1-d shells
     lr = {"learning_rate": 1e-3, "weight_decay": 0.1} if method == "full" else {}
@@ -115,11 +113,31 @@ def test_sharded_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path,
     said = " ".join(proc.stdout.split())
     assert f"2 processes, {'FSDP' if strategy == 'fsdp' else 'DEEPSPEED'}" in said, proc.stdout[-2000:]
     assert "1.6M parameters" in said  # counted whole where ZeRO-3 partitioned them
+    check_same_final_weights(tmp_path, weights)
+
+
+def check_same_final_weights(tmp_path, weights: str) -> None:
+    from safetensors.torch import load_file
+
     (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
     w_one, w_two = (load_file(run / "final" / weights) for run in (run_one, run_two))
     assert w_one.keys() == w_two.keys()
     for key, value in w_one.items():
         torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2", "zero3"])
+def test_qlora_on_two_cpu_processes_matches_one_process(tiny_config, tiny64_dir, tmp_path, strategy):
+    """QLoRA under FSDP and DeepSpeed: the 4-bit base is whole on every process under FSDP2 (it
+    leaves bitsandbytes' 4-bit weights unsharded) and ZeRO-2, partitioned under ZeRO-3 (transformers
+    refuses a device_map there, so tunelab loads it without); the adapters train as one process's
+    with the doubled accumulation."""
+    pytest.importorskip("bitsandbytes")
+    config = {**tiny_config, "model": {**tiny_config["model"], "ref": str(tiny64_dir)}}  # fp32: exact
+    one, two = write_configs(config, tmp_path, method="qlora")
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
+    check_same_as_one_process(tmp_path, accelerate_launch(launch_yaml(strategy), two))
+    check_same_final_weights(tmp_path, "adapter_model.safetensors")
 
 
 def test_fsdp_validation_with_a_share_one_short_matches_one_process(tiny_config, tmp_path):

@@ -8,15 +8,8 @@ from tunelab.config import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.runs import read_metrics
 
-from conftest import make_tiny_model
 
 pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(scope="module")
-def tiny64_dir(tmp_path_factory):
-    # bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 along the input dim: hidden 32 is too narrow
-    return make_tiny_model(tmp_path_factory.mktemp("tiny64"), hidden=64)
 
 
 @pytest.fixture

@@ -166,8 +166,14 @@ def _load_weights(folder: Path, dtype: torch.dtype, trust_remote_code: bool,
 
     kwargs = {}
     if quant is not None and quant.active:
-        # bitsandbytes places the quantized weights itself; .to() afterwards is refused
-        kwargs = {"quantization_config": quant.hf_config(dtype), "device_map": str(device or "cpu")}
+        # bitsandbytes places the quantized weights itself; .to() afterwards is refused. Under DeepSpeed
+        # ZeRO-3 transformers partitions every weight, the 4-bit ones too, as it loads them, and
+        # refuses a device_map then
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        kwargs = {"quantization_config": quant.hf_config(dtype)}
+        if not is_deepspeed_zero3_enabled():
+            kwargs["device_map"] = str(device or "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         return model if kwargs or device is None else model.to(device)
