@@ -131,13 +131,17 @@ def test_qlora_on_two_cpu_processes_matches_one_process(tiny_config, tiny64_dir,
     """QLoRA under FSDP and DeepSpeed: the 4-bit base is whole on every process under FSDP2 (it
     leaves bitsandbytes' 4-bit weights unsharded) and ZeRO-2, partitioned under ZeRO-3 (transformers
     refuses a device_map there, so tunelab loads it without); the adapters train as one process's
-    with the doubled accumulation."""
+    with the doubled accumulation, and validation (forwards outside training, where bitsandbytes
+    would repack the weights that ZeRO-3 holds partitioned) gives one process's losses."""
     pytest.importorskip("bitsandbytes")
     config = {**tiny_config, "model": {**tiny_config["model"], "ref": str(tiny64_dir)}}  # fp32: exact
-    one, two = write_configs(config, tmp_path, method="qlora")
+    one, two = write_configs(config, tmp_path, method="qlora", val_fraction=0.25)
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
     check_same_as_one_process(tmp_path, accelerate_launch(launch_yaml(strategy), two))
     check_same_final_weights(tmp_path, "adapter_model.safetensors")
+    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
+    val_one, val_two = ([r["val_loss"] for r in read_metrics(run) if "val_loss" in r] for run in (run_one, run_two))
+    assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)  # before and after training
 
 
 def test_fsdp_validation_with_a_share_one_short_matches_one_process(tiny_config, tmp_path):

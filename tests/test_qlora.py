@@ -61,3 +61,28 @@ def test_qlora_trains_on_a_4bit_base_and_loads_back_quantized(qlora_config, tmp_
     with torch.no_grad():
         a, b = model(input_ids=ids).logits.float(), merged(input_ids=ids).logits.float()
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+
+
+@pytest.mark.skipif(not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
+                    reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+def test_a_forward_outside_training_leaves_the_4bit_base_trainable(tiny64_dir):
+    """Validation before training runs the model in eval mode, where bitsandbytes repacks its 4-bit
+    weights for an inference-only kernel (no backward) that training would then take: apply_lora
+    turns that off, so the gradients after a validation pass are those of a model never validated."""
+    from tunelab.config.schema import LoraConfig
+    from tunelab.training.lora import apply_lora
+
+    def input_gradient(validate_first: bool) -> torch.Tensor:
+        model, _ = tunelab.load_model(str(tiny64_dir), dtype="bf16", quantization="nf4")
+        model = apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
+        ids = torch.tensor([[1, 400, 500, 600, 700]])
+        if validate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds).logits.float().sum().backward()
+        return embeds.grad
+
+    torch.testing.assert_close(input_gradient(True), input_gradient(False))
