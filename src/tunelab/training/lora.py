@@ -24,13 +24,8 @@ def apply_lora(model, cfg: LoraConfig):
                         if type(m).__name__ == "Linear"})
         raise ConfigError(f"lora.target_modules={targets!r}: {str(e).splitlines()[0][:160]}; this model's "
                           f"linear layers are: {', '.join(names)} (or use all-linear)") from None
+    keep_4bit_base_trainable(model)
     for salt, module in enumerate(model.modules()):
-        # bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 kernel at the first forward
-        # outside training (validation, generation) and from then on takes that kernel, which has no
-        # backward, in training too: no gradient would pass through the base to the layers below.
-        # (Under ZeRO-3, which gathers the original layout again, it also misreads the weights.)
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
         if type(module) is peft.tuners.lora.Linear:  # not the 4/8-bit (QLoRA) layers: their own forward
             module.forward = types.MethodType(lean_lora_forward, module)
             # which layer a dropout mask is for: a tensor, so that the layers keep sharing one compiled
@@ -38,6 +33,17 @@ def apply_lora(model, cfg: LoraConfig):
             salt_tensor = torch.tensor(_mix(salt) & 0x7FFFFFFF, dtype=torch.int32)
             module.register_buffer("dropout_salt", salt_tensor, persistent=False)
     return model
+
+
+def keep_4bit_base_trainable(model) -> None:
+    """bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 kernel at the first forward
+    outside training (validation, generation) and from then on takes that kernel, which has no
+    backward, in training too: no gradient would pass through the base to the layers below (and
+    under ZeRO-3, which gathers the original layout again, the weights are misread). Turned off for
+    a model that trains; inference keeps it."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 # The micro batch a dropout mask is for: set by the training loop before each forward (set_dropout_batch),

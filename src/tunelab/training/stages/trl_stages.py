@@ -167,6 +167,10 @@ def _model(cfg: RunConfig):
                             quantization=cfg.base_quantization or "none", double_quant=cfg.model.double_quant)
     if hasattr(model, "merge_and_unload"):  # a LoRA run as the starting point: its adapter becomes the base
         model = model.merge_and_unload()
+    if cfg.base_quantization:
+        from tunelab.training.lora import keep_4bit_base_trainable
+
+        keep_4bit_base_trainable(model)  # TRL evaluates and generates between steps
     if cfg.stage == "reward":
         model = _to_reward_model(model, tok)
     model.config.use_cache = cfg.stage in ("grpo", "ppo")  # generation needs the cache; training does not
