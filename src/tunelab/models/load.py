@@ -167,8 +167,8 @@ def _load_weights(folder: Path, dtype: torch.dtype, trust_remote_code: bool,
     kwargs = {}
     if quant is not None and quant.active:
         # bitsandbytes places the quantized weights itself; .to() afterwards is refused. Under DeepSpeed
-        # ZeRO-3 transformers partitions every weight, the 4-bit ones too, as it loads them, and
-        # refuses a device_map then
+        # ZeRO-3 transformers refuses a device_map: DeepSpeed partitions every weight, the 4-bit ones
+        # too, when accelerate hands it the model
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         kwargs = {"quantization_config": quant.hf_config(dtype)}
