@@ -11,7 +11,9 @@ parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the o
 - under ZeRO-3 transformers loads the model already partitioned (each weight an empty shell with
   its shape in ds_shape), so what runs before `prepare` reads sizes and shapes from there;
 - DeepSpeed runs the optimizer step inside backward once every `gradient_accumulation_steps`
-  micro batches and divides each loss by that number itself, so it is told ours.
+  micro batches and divides each loss by that number itself, so it is told ours;
+- generation evaluation splits the prompts between the processes, which under FSDP and ZeRO-3
+  generate in lockstep, as each forward gathers weights from all of them.
 DDP, FSDP and DeepSpeed ZeRO-2/3 are tested here on 2 CPU processes (gloo, tests/test_distributed.py).
 """
 
