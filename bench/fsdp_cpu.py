@@ -3,9 +3,9 @@ over gloo), in one run.
 
 What FSDP and ZeRO-3 buy on CPUs: each process holds half of every weight, gradient and AdamW
 moment (ZeRO-2: of the gradients and moments only), so two machines (or two NUMA sockets) can fully
-fine-tune a model whose fp32 state (16 bytes a parameter) does not fit in one. Same model, data and batch as bench/train_speed.py's full rows (SmolLM2-135M,
-the alpaca demo, 8 rows per optimizer step, max_seq_len 512, compiled): one process takes micro
-batches of 8; two processes take 4 each. On one 2-core machine each of the two gets one core, so
+fine-tune a model whose fp32 state (16 bytes a parameter) does not fit in one. Same model, data and
+batch as bench/train_speed.py's full rows (SmolLM2-135M, the alpaca demo, 8 rows per optimizer step,
+max_seq_len 512, compiled): one process takes micro batches of 8; two processes take 4 each. On one 2-core machine each of the two gets one core, so
 the tokens/s say what the collectives cost, not what a second machine would add.
 
 Prints tokens/s (the first step untimed), the peak RSS of each process, and the last loss.

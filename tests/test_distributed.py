@@ -47,6 +47,15 @@ def run_losses(runs: Path, name: str) -> tuple[Path, list[float]]:
     return run, [r["loss"] for r in read_metrics(run) if "loss" in r]
 
 
+def both_runs(tmp_path) -> tuple[Path, Path]:
+    """The run directories of one.yaml and two.yaml."""
+    return run_losses(tmp_path / "runs", "one")[0], run_losses(tmp_path / "runs", "two")[0]
+
+
+def validation_losses(run: Path) -> list[float]:
+    return [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+
+
 def check_same_as_one_process(tmp_path, proc, rel: float = 1e-5, weights: str = "adapter_model.safetensors") -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = tmp_path / "runs"
@@ -119,7 +128,7 @@ def test_sharded_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path,
 def check_same_final_weights(tmp_path, weights: str) -> None:
     from safetensors.torch import load_file
 
-    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
+    run_one, run_two = both_runs(tmp_path)
     w_one, w_two = (load_file(run / "final" / weights) for run in (run_one, run_two))
     assert w_one.keys() == w_two.keys()
     for key, value in w_one.items():
@@ -139,8 +148,7 @@ def test_qlora_on_two_cpu_processes_matches_one_process(tiny_config, tiny64_dir,
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
     check_same_as_one_process(tmp_path, accelerate_launch(launch_yaml(strategy), two))
     check_same_final_weights(tmp_path, "adapter_model.safetensors")
-    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
-    val_one, val_two = ([r["val_loss"] for r in read_metrics(run) if "val_loss" in r] for run in (run_one, run_two))
+    val_one, val_two = (validation_losses(run) for run in both_runs(tmp_path))
     assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)  # before and after training
 
 
@@ -153,8 +161,7 @@ def test_fsdp_validation_with_a_share_one_short_matches_one_process(tiny_config,
     proc = accelerate_launch(FSDP_YAML, two)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "7 train / 5 validation" in " ".join(proc.stdout.split()), proc.stdout[-2000:]
-    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
-    val_one, val_two = ([r["val_loss"] for r in read_metrics(run) if "val_loss" in r] for run in (run_one, run_two))
+    val_one, val_two = (validation_losses(run) for run in both_runs(tmp_path))
     assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)  # before and after training
 
 
@@ -249,7 +256,7 @@ def test_generation_evaluation_during_training_answers_as_one_process(tiny_confi
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
     proc = accelerate_launch(launch_yaml(strategy), two)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (run_one, _), (run_two, _) = run_losses(tmp_path / "runs", "one"), run_losses(tmp_path / "runs", "two")
+    run_one, run_two = both_runs(tmp_path)
     evals_one, evals_two = ([r for r in read_metrics(run) if "eval_n" in r] for run in (run_one, run_two))
     assert [r["step"] for r in evals_two] == [2, 3] and evals_two == evals_one
     prompts = [it["messages"][-1]["content"] for it in load_items(sentiment, 5)]
