@@ -10,11 +10,15 @@ the tokens/s say what the collectives cost, not what a second machine would add.
 
 Prints tokens/s (the first step untimed), the peak RSS of each process, and the last loss.
 
+--eval N: after training, answer the first N sentences of the quickstart's sentiment test
+(`eval.data`, 16 new tokens, batches of 4) and print how long that took: under FSDP and ZeRO-3
+generation runs on sharded weights.
+
 --shape 360m: SmolLM2's 360M shape with random weights (see train_speed.py), where the fp32 state
 (5.8 GB) outweighs what every process holds anyway (libraries, compiled code, activations).
 
 usage: python bench/fsdp_cpu.py [--steps 10] [--shape 135m|360m] [--setups "one process,ddp,fsdp,zero2,zero3"]
-                                [--shared ../shared]
+                                [--eval N] [--shared ../shared]
 (zero2/zero3 need `pip install deepspeed`)
 """
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from train_speed import bench_inputs, tunelab_config  # noqa: E402
 
 EXAMPLES = HERE.parent / "examples" / "accelerate"
+SENTIMENT_TEST = HERE.parent / "src" / "tunelab" / "assets" / "quickstart" / "sentiment_test.jsonl"
 LAUNCH = {"ddp": EXAMPLES / "ddp.yaml", "fsdp": EXAMPLES / "fsdp.yaml",
           "zero2": EXAMPLES / "deepspeed_zero2.yaml", "zero3": EXAMPLES / "deepspeed_zero3.yaml"}
 
@@ -40,7 +45,7 @@ def worker(config_path: str) -> None:
 
     import tunelab
     from tunelab.hardware import peak_rss_mb
-    from tunelab.runs import read_metrics
+    from tunelab.runs import MANIFEST, read_metrics
 
     from accelerate.state import PartialState
 
@@ -50,13 +55,17 @@ def worker(config_path: str) -> None:
     timed = m[1:]
     print(json.dumps({"rank": rank, "peak_rss_mb": peak_rss_mb(),
                       **({"tokens_per_s": sum(r["tokens"] for r in timed) / (m[-1]["elapsed_s"] - m[0]["elapsed_s"]),
-                          "last_loss": m[-1]["loss"]} if m else {})}), flush=True)
+                          "last_loss": m[-1]["loss"],
+                          "eval_seconds": json.loads((result.run_dir / MANIFEST).read_text())["eval_seconds"]} if m else {})}), flush=True)
 
 
-def run(setup: str, model: str, data: str, steps: int) -> dict:
+def run(setup: str, model: str, data: str, steps: int, eval_items: int = 0) -> dict:
     import yaml
 
     cfg = tunelab_config(model, data, steps, "full", "compile")
+    if eval_items:
+        cfg["eval"] = {"data": str(SENTIMENT_TEST), "labels": ["positive", "negative"], "limit": eval_items,
+                       "max_new_tokens": 16, "batch_size": 4, "every_n_steps": 0}
     if setup != "one process":
         cfg["train"]["micro_batch_size"] = 4  # x 2 processes: the same 8 rows a step
     path = Path(tempfile.mkdtemp()) / "config.yaml"
@@ -70,6 +79,7 @@ def run(setup: str, model: str, data: str, steps: int) -> dict:
         sys.exit(f"{setup} failed:\n{proc.stderr[-3000:]}")
     main = next(r for r in rows if r["rank"] == 0)
     return {"setup": setup, "tokens_per_s": main["tokens_per_s"], "last_loss": main["last_loss"],
+            "eval_seconds": main["eval_seconds"],
             "rss": [r["peak_rss_mb"] for r in sorted(rows, key=lambda r: r["rank"])]}
 
 
@@ -78,6 +88,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--shape", default="135m", choices=["135m", "360m"])
     p.add_argument("--setups", default="one process,ddp,fsdp,zero2,zero3")
+    p.add_argument("--eval", type=int, default=0, help="answer this many prompts after training, timed")
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -85,11 +96,13 @@ def main() -> None:
         return worker(a.worker)
     model, data = bench_inputs(Path(a.shared), a.shape)
     print(f"full fine-tuning, SmolLM2-{a.shape.upper()}, 8 rows a step, {a.steps} steps (the first untimed)\n")
-    print(f"{'setup':14} {'tokens/s':>9} {'peak RSS MB per process':>26} {'last loss':>10}")
+    evals = f" {f'{a.eval} answers, s':>15}" if a.eval else ""
+    print(f"{'setup':14} {'tokens/s':>9} {'peak RSS MB per process':>26} {'last loss':>10}{evals}")
     for setup in a.setups.split(","):
-        r = run(setup, str(model), str(data), a.steps)
+        r = run(setup, str(model), str(data), a.steps, a.eval)
         rss = " / ".join(f"{x:.0f}" for x in r["rss"])
-        print(f"{r['setup']:14} {r['tokens_per_s']:9.1f} {rss:>26} {r['last_loss']:10.4f}", flush=True)
+        evals = f" {r['eval_seconds']:15.1f}" if a.eval else ""
+        print(f"{r['setup']:14} {r['tokens_per_s']:9.1f} {rss:>26} {r['last_loss']:10.4f}{evals}", flush=True)
 
 
 if __name__ == "__main__":

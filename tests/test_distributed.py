@@ -236,13 +236,17 @@ def test_sharding_on_cpus_refuses_what_it_cannot_switch_on(monkeypatch):
     assert a.state.distributed_type == DistributedType.MULTI_CPU
 
 
-@pytest.mark.parametrize("strategy, method", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full"),
-                                              ("zero3", "full"), ("zero3", "lora")])
-def test_generation_evaluation_during_training_answers_as_one_process(tiny_config, tmp_path, strategy, method):
+@pytest.mark.parametrize("strategy, method, gather", [
+    ("ddp", "lora", True), ("fsdp", "lora", True), ("fsdp", "full", True), ("fsdp", "lora", False),
+    ("zero3", "full", True), ("zero3", "lora", True), ("zero3", "full", False)])
+def test_generation_evaluation_during_training_answers_as_one_process(tiny_config, tmp_path, strategy, method,
+                                                                      gather):
     """`eval.data` under the launcher: each process answers its share of the prompts (5 prompts: 3
-    and 2; under FSDP and ZeRO-3 the process with 2 repeats one, as each forward needs both, and
-    generation keeps their token steps together) and the main one writes every answer, in order:
-    the same answers and scores as one process's, every 2 steps and after training."""
+    and 2) and the main one writes every answer, in order: the same answers and scores as one
+    process's, every 2 steps and after training, and training goes on after it as one process's.
+    Under FSDP and ZeRO-3 the weights are gathered for it (else the shares of 3 and 2 would hang:
+    each forward on sharded weights needs both processes); with `eval.gather_weights: false` the
+    process with 2 repeats one and generation keeps their token steps together."""
     from tunelab.evaluation.runner import load_items
 
     sentiment = Path(tiny_config["data"]["train"])
@@ -251,11 +255,12 @@ def test_generation_evaluation_during_training_answers_as_one_process(tiny_confi
     for config in (one, two):
         cfg = yaml.safe_load(config.read_text())
         cfg["eval"] = {"data": str(sentiment), "every_n_steps": 2, "limit": 5, "max_new_tokens": 6, "batch_size": 1,
-                       "labels": ["positive", "negative"]}
+                       "labels": ["positive", "negative"], "gather_weights": gather}
         config.write_text(yaml.safe_dump(cfg))
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
     proc = accelerate_launch(launch_yaml(strategy), two)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    check_same_as_one_process(tmp_path, proc, weights="model.safetensors" if method == "full" else
+                              "adapter_model.safetensors")
     run_one, run_two = both_runs(tmp_path)
     evals_one, evals_two = ([r for r in read_metrics(run) if "eval_n" in r] for run in (run_one, run_two))
     assert [r["step"] for r in evals_two] == [2, 3] and evals_two == evals_one

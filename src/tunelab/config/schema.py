@@ -195,6 +195,10 @@ class EvalConfig:
     max_new_tokens: int = 64
     """Answer length cap for these evaluations."""
     batch_size: int = 8
+    gather_weights: bool = True
+    """Under FSDP and DeepSpeed ZeRO-3: gather the whole weights on every process once for these
+    answers (each then holds the whole model meanwhile). false: gather layer by layer for every new
+    token, far slower, for models whose whole weights do not fit on one device."""
 
 
 @dataclass

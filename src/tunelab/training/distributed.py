@@ -12,8 +12,9 @@ parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the o
   its shape in ds_shape), so what runs before `prepare` reads sizes and shapes from there;
 - DeepSpeed runs the optimizer step inside backward once every `gradient_accumulation_steps`
   micro batches and divides each loss by that number itself, so it is told ours;
-- generation evaluation splits the prompts between the processes, which under FSDP and ZeRO-3
-  generate in lockstep, as each forward gathers weights from all of them.
+- generation evaluation splits the prompts between the processes; under FSDP and ZeRO-3 it first
+  gathers the whole weights on each (`eval.gather_weights`), else the processes generate in
+  lockstep, as each forward then gathers weights from all of them.
 DDP, FSDP and DeepSpeed ZeRO-2/3 are tested here on 2 CPU processes (gloo, tests/test_distributed.py).
 """
 
@@ -151,11 +152,71 @@ def full_state_dict(accelerator, model) -> "dict | None":
     return state
 
 
-def generate_in_shares(accelerator, model, tokenizer, prompts: list, sampling, batch_size: int) -> "list[str] | None":
+@contextmanager
+def whole_weights(accelerator, model, gather: bool = True):
+    """For generation: under FSDP and ZeRO-3 every weight is gathered once, for the length of the
+    block, and sharded again after it; each process holds the whole model meanwhile. Otherwise every
+    new token's forward would gather each layer from all processes and free it again: the whole
+    model moved between them per token. Yields whether the weights are whole on each process (always
+    without sharding; under FSDP and ZeRO-3 when `gather`). Call it on every process: gathering is
+    a collective. model: what `accelerator.prepare` returned."""
+    if not shards_parameters(accelerator):
+        yield True
+    elif not gather:
+        yield False
+    elif strategy(accelerator) == "fsdp":
+        with _fsdp_unsharded(model):
+            yield True
+    else:
+        with _zero3_gathered(model):
+            yield True
+
+
+@contextmanager
+def _fsdp_unsharded(model):
+    """Every FSDP2 unit unsharded, and kept so through its forwards (its reshard-after-forward
+    setting off meanwhile, then put back as it was: the root's differs from the layers')."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        saved.append((state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups]))
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, (auto, mesh_infos) in zip(units, saved):
+            unit.reshard()
+            state = unit._get_fsdp_state()
+            state._auto_reshard_after_forward = auto
+            for group, info in zip(state._fsdp_param_groups, mesh_infos):
+                group.post_forward_mesh_info = info
+
+
+@contextmanager
+def _zero3_gathered(engine):
+    """Every ZeRO-3 partition gathered, with DeepSpeed's module hooks off meanwhile (each module's
+    forward would partition its weights again after use), as TRL gathers for generation."""
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(engine.parameters())):
+        remove_hooks(engine)
+        try:
+            yield
+        finally:
+            add_hooks(engine)
+
+
+def generate_in_shares(accelerator, model, tokenizer, prompts: list, sampling, batch_size: int,
+                       lockstep: bool = False) -> "list[str] | None":
     """`generation.generate` split between the processes: each answers every world-th prompt, and the
-    main process gets every answer in order (None elsewhere). Where the weights are sharded each
-    forward gathers them from all processes, so each process answers as many prompts (a short share
-    repeats one, left out) and generation keeps their token steps together (synced)."""
+    main process gets every answer in order (None elsewhere). lockstep: the weights are sharded (see
+    `whole_weights`), so each forward gathers them from all processes: each process answers as many
+    prompts (a short share repeats one, left out) and generation keeps their token steps together."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
@@ -165,12 +226,11 @@ def generate_in_shares(accelerator, model, tokenizer, prompts: list, sampling, b
     if world == 1:
         return generate(model, tokenizer, prompts, sampling, batch_size)
     mine = list(range(rank, len(prompts), world))
-    lockstep = shards_parameters(accelerator)
     spare = -(-len(prompts) // world) - len(mine) if lockstep else 0
     asked = mine + [mine[0] if mine else 0] * spare
     # FSDP2 gathers the outermost module's own weights (embeddings, final norm) in that module's
     # forward, which generation skips where the outermost is a PeftModel: gather them for its length
-    root = model if isinstance(model, FSDPModule) else None
+    root = model if lockstep and isinstance(model, FSDPModule) else None
     if root is not None:
         root.unshard()
     try:

@@ -451,17 +451,18 @@ def validation_loss(model, items, micro_batch_size: int, packing: bool, pad_id: 
 
 def _generation_eval(run_dir, model, tokenizer, cfg, step: int, state: dict, autocast, accelerator) -> None:
     """Answers to `eval.data` scored like `tunelab eval`: one `eval_*` line in metrics.jsonl, the
-    answers in eval/training/step-<N>.jsonl. Every process answers its share of the prompts (under
-    FSDP and ZeRO-3 each forward needs them all)."""
+    answers in eval/training/step-<N>.jsonl. Every process answers its share of the prompts, under
+    FSDP and ZeRO-3 on whole weights gathered for it (else in lockstep: each forward needs them all)."""
     from tunelab.evaluation.runner import training_eval
 
     t0 = time.time()
     # compiled blocks run eagerly here: with a KV cache each layer's cache index would specialize its
     # graph, one recompile per layer, past torch's limit of 8 (compile_blocks compiles layer by layer)
     eager = getattr(torch.compiler, "set_stance", None)
-    with autocast, (eager("force_eager") if eager else contextlib.nullcontext()):
+    with (autocast, (eager("force_eager") if eager else contextlib.nullcontext()),
+          distributed.whole_weights(accelerator, model, cfg.eval.gather_weights) as whole):
         result = training_eval(accelerator.unwrap_model(model), tokenizer, cfg.eval, step,
-                               answer=partial(distributed.generate_in_shares, accelerator))
+                               answer=partial(distributed.generate_in_shares, accelerator, lockstep=not whole))
     state["eval_s"] = state.get("eval_s", 0.0) + time.time() - t0  # kept out of training tokens/s
     if result is None:  # not the main process
         return
