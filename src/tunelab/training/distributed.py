@@ -179,7 +179,7 @@ def _fsdp_unsharded(model):
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    saved = []
+    saved = []  # read from FSDP2's state: it has a setter for the setting and no getter
     for unit in units:
         state = unit._get_fsdp_state()
         saved.append((state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups]))
