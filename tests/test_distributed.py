@@ -56,6 +56,10 @@ def validation_losses(run: Path) -> list[float]:
     return [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
 
 
+def weights_file(method: str) -> str:
+    return "model.safetensors" if method == "full" else "adapter_model.safetensors"
+
+
 def check_same_as_one_process(tmp_path, proc, rel: float = 1e-5, weights: str = "adapter_model.safetensors") -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = tmp_path / "runs"
@@ -112,7 +116,7 @@ def test_sharded_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path,
     (and under FSDP and ZeRO-3 half of every weight: transformers loads it partitioned under ZeRO-3),
     and the run trains as one process with the doubled accumulation; final/ holds the whole
     weights, gathered, the tied output head saved once as one process saves it."""
-    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    weights = weights_file(method)
     # weight decay: on the matrices only, which ZeRO-3 hands over as empty 1-d shells
     lr = {"learning_rate": 1e-3, "weight_decay": 0.1} if method == "full" else {}
     one, two = write_configs(tiny_config, tmp_path, method=method, **lr)
@@ -259,8 +263,7 @@ def test_generation_evaluation_during_training_answers_as_one_process(tiny_confi
         config.write_text(yaml.safe_dump(cfg))
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
     proc = accelerate_launch(launch_yaml(strategy), two)
-    check_same_as_one_process(tmp_path, proc, weights="model.safetensors" if method == "full" else
-                              "adapter_model.safetensors")
+    check_same_as_one_process(tmp_path, proc, weights=weights_file(method))
     run_one, run_two = both_runs(tmp_path)
     evals_one, evals_two = ([r for r in read_metrics(run) if "eval_n" in r] for run in (run_one, run_two))
     assert [r["step"] for r in evals_two] == [2, 3] and evals_two == evals_one
