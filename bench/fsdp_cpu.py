@@ -11,8 +11,8 @@ the tokens/s say what the collectives cost, not what a second machine would add.
 Prints tokens/s (the first step untimed), the peak RSS of each process, and the last loss.
 
 --eval N: after training, answer the first N sentences of the quickstart's sentiment test
-(`eval.data`, 16 new tokens, batches of 4) and print how long that took: under FSDP and ZeRO-3
-generation runs on sharded weights.
+(`eval.data`, 16 new tokens, batches of 4) and print how long that took (each process answers its
+share; under FSDP and ZeRO-3 on the whole weights, gathered for it).
 
 --shape 360m: SmolLM2's 360M shape with random weights (see train_speed.py), where the fp32 state
 (5.8 GB) outweighs what every process holds anyway (libraries, compiled code, activations).
@@ -53,10 +53,10 @@ def worker(config_path: str) -> None:
     rank = PartialState().process_index
     m = [r for r in read_metrics(result.run_dir) if "loss" in r] if rank == 0 else []
     timed = m[1:]
-    print(json.dumps({"rank": rank, "peak_rss_mb": peak_rss_mb(),
-                      **({"tokens_per_s": sum(r["tokens"] for r in timed) / (m[-1]["elapsed_s"] - m[0]["elapsed_s"]),
-                          "last_loss": m[-1]["loss"],
-                          "eval_seconds": json.loads((result.run_dir / MANIFEST).read_text())["eval_seconds"]} if m else {})}), flush=True)
+    main = {"tokens_per_s": sum(r["tokens"] for r in timed) / (m[-1]["elapsed_s"] - m[0]["elapsed_s"]),
+            "last_loss": m[-1]["loss"],
+            "eval_seconds": json.loads((result.run_dir / MANIFEST).read_text())["eval_seconds"]} if m else {}
+    print(json.dumps({"rank": rank, "peak_rss_mb": peak_rss_mb(), **main}), flush=True)
 
 
 def run(setup: str, model: str, data: str, steps: int, eval_items: int = 0) -> dict:
