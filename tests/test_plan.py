@@ -570,3 +570,16 @@ def test_train_turns_on_gradient_checkpointing_only_where_it_makes_the_run_fit(t
     machine_with(on / 2)  # fits neither way: refused with the advice, before loading anything
     with pytest.raises(RunError, match="--force"):
         trained_with({})
+
+
+@pytest.mark.parametrize("gpus, local, sharing", [(0, 1, 1), (0, 2, 2), (8, 8, 1), (2, 4, 2), (4, 1, 1)])
+def test_the_memory_check_counts_the_processes_that_share_a_device(monkeypatch, gpus, local, sharing):
+    """Under a launcher every process on a CPU machine holds its own copy in the one RAM, while on
+    GPUs each process has a GPU of its own: counting all 8 of an 8-GPU node on one GPU's memory
+    stopped every run that needs more than an eighth of a GPU."""
+    from tunelab.planning import _local_processes
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert _local_processes() == sharing

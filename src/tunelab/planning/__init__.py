@@ -399,10 +399,19 @@ def _config(config_or_path, model, overrides):
 
 
 def _local_processes() -> int:
-    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE): each holds its own copy."""
+    """Training processes that share the device the check plans for, each holding its own copy: on a
+    CPU every process on this machine (torchrun's LOCAL_WORLD_SIZE); on GPUs each process has one of
+    its own (accelerate and torchrun put local rank r on GPU r), so those sharing one are
+    LOCAL_WORLD_SIZE over the GPUs, rounded up. Counting 8 processes on one GPU's memory would stop
+    every run on an 8-GPU node that needs more than an eighth of a GPU."""
     import os
 
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        return -(-local // max(torch.cuda.device_count(), 1))
+    return local
 
 
 def checkpointing_needed(cfg, batch_tokens: int, compiled: bool = False) -> bool:
