@@ -8,7 +8,9 @@ batch as bench/train_speed.py's full rows (SmolLM2-135M, the alpaca demo, 8 rows
 max_seq_len 512, compiled): one process takes micro batches of 8; two processes take 4 each. On one 2-core machine each of the two gets one core, so
 the tokens/s say what the collectives cost, not what a second machine would add.
 
-Prints tokens/s (the first step untimed), the peak RSS of each process, and the last loss.
+Prints tokens/s (the first step untimed), the peak RSS of each process beside the peak that
+`tunelab plan` predicts for one process of the setup (what the memory check before training judges
+by), and the last loss. --method lora: the same with the peers' LoRA (rank 16, all-linear).
 
 --eval N: after training, answer the first N sentences of the quickstart's sentiment test
 (`eval.data`, 16 new tokens, batches of 4) and print how long that took (each process answers its
@@ -18,7 +20,7 @@ share; under FSDP and ZeRO-3 on the whole weights, gathered for it).
 (5.8 GB) outweighs what every process holds anyway (libraries, compiled code, activations).
 
 usage: python bench/fsdp_cpu.py [--steps 10] [--shape 135m|360m] [--setups "one process,ddp,fsdp,zero2,zero3"]
-                                [--eval N] [--shared ../shared]
+                                [--method full|lora] [--eval N] [--shared ../shared]
 (zero2/zero3 need `pip install deepspeed`)
 """
 
@@ -45,24 +47,30 @@ def worker(config_path: str) -> None:
 
     import tunelab
     from tunelab.hardware import peak_rss_mb
+    from tunelab.planning import launched_strategy
     from tunelab.runs import MANIFEST, read_metrics
 
     from accelerate.state import PartialState
 
-    result = tunelab.train(yaml.safe_load(Path(config_path).read_text()), quiet=True, force=True)
+    cfg = yaml.safe_load(Path(config_path).read_text())
+    result = tunelab.train(cfg, quiet=True, force=True)
     rank = PartialState().process_index
     m = [r for r in read_metrics(result.run_dir) if "loss" in r] if rank == 0 else []
     timed = m[1:]
     main = {"tokens_per_s": sum(r["tokens"] for r in timed) / (m[-1]["elapsed_s"] - m[0]["elapsed_s"]),
             "last_loss": m[-1]["loss"],
             "eval_seconds": json.loads((result.run_dir / MANIFEST).read_text())["eval_seconds"]} if m else {}
+    if rank == 0:  # the plan for one process of this launch, as the memory check makes it
+        strategy, world = launched_strategy()
+        planned = tunelab.plan(cfg, devices=[], timing=False, compiled=True, strategy=strategy, world=world)
+        main["planned_mb"] = planned.peak_bytes / 2 ** 20
     print(json.dumps({"rank": rank, "peak_rss_mb": peak_rss_mb(), **main}), flush=True)
 
 
-def run(setup: str, model: str, data: str, steps: int, eval_items: int = 0) -> dict:
+def run(setup: str, model: str, data: str, steps: int, eval_items: int = 0, method: str = "full") -> dict:
     import yaml
 
-    cfg = tunelab_config(model, data, steps, "full", "compile")
+    cfg = tunelab_config(model, data, steps, method, "compile")
     if eval_items:
         cfg["eval"] = {"data": str(SENTIMENT_TEST), "labels": ["positive", "negative"], "limit": eval_items,
                        "max_new_tokens": 16, "batch_size": 4, "every_n_steps": 0}
@@ -79,7 +87,7 @@ def run(setup: str, model: str, data: str, steps: int, eval_items: int = 0) -> d
         sys.exit(f"{setup} failed:\n{proc.stderr[-3000:]}")
     main = next(r for r in rows if r["rank"] == 0)
     return {"setup": setup, "tokens_per_s": main["tokens_per_s"], "last_loss": main["last_loss"],
-            "eval_seconds": main["eval_seconds"],
+            "eval_seconds": main["eval_seconds"], "planned_mb": main["planned_mb"],
             "rss": [r["peak_rss_mb"] for r in sorted(rows, key=lambda r: r["rank"])]}
 
 
@@ -88,6 +96,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--shape", default="135m", choices=["135m", "360m"])
     p.add_argument("--setups", default="one process,ddp,fsdp,zero2,zero3")
+    p.add_argument("--method", default="full", choices=["full", "lora"])
     p.add_argument("--eval", type=int, default=0, help="answer this many prompts after training, timed")
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -95,14 +104,15 @@ def main() -> None:
     if a.worker:
         return worker(a.worker)
     model, data = bench_inputs(Path(a.shared), a.shape)
-    print(f"full fine-tuning, SmolLM2-{a.shape.upper()}, 8 rows a step, {a.steps} steps (the first untimed)\n")
+    print(f"{a.method} fine-tuning, SmolLM2-{a.shape.upper()}, 8 rows a step, {a.steps} steps (the first untimed)\n")
     evals = f" {f'{a.eval} answers, s':>15}" if a.eval else ""
-    print(f"{'setup':14} {'tokens/s':>9} {'peak RSS MB per process':>26} {'last loss':>10}{evals}")
+    print(f"{'setup':14} {'tokens/s':>9} {'peak RSS MB per process':>26} {'planned MB':>11} {'last loss':>10}{evals}")
     for setup in a.setups.split(","):
-        r = run(setup, str(model), str(data), a.steps, a.eval)
+        r = run(setup, str(model), str(data), a.steps, a.eval, a.method)
         rss = " / ".join(f"{x:.0f}" for x in r["rss"])
         evals = f" {r['eval_seconds']:15.1f}" if a.eval else ""
-        print(f"{r['setup']:14} {r['tokens_per_s']:9.1f} {rss:>26} {r['last_loss']:10.4f}{evals}", flush=True)
+        print(f"{r['setup']:14} {r['tokens_per_s']:9.1f} {rss:>26} {r['planned_mb']:11.0f} {r['last_loss']:10.4f}{evals}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--data", action=argparse.BooleanOptionalAction, default=None,
                     help="read and encode the config's data: time and memory for its real batches (default where "
                          "data.train is a local file); --no-data: the worst case, every row max_seq_len long")
+    pl.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"],
+                    help="how `accelerate launch` splits the run over its processes (examples/accelerate/)")
+    pl.add_argument("--world", type=int, default=1, help="the run's processes on all machines (fsdp, zero split over them)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     d = sub.add_parser("data", help="data tools")
@@ -232,7 +235,7 @@ def _dispatch(a) -> int | None:
                               micro_batch_size=a.micro_batch_size, grad_accum_steps=a.grad_accum_steps,
                               gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, dtype=a.dtype,
                               optimizer=a.optimizer, device=a.device, devices=devices, steps=a.steps,
-                              overrides=a.set, data=a.data)
+                              overrides=a.set, data=a.data, strategy=a.strategy, world=a.world)
         print(json.dumps(result.to_dict(), indent=2) if a.json else result)
         return 0 if result.fits_here else 1
     elif a.command == "data":

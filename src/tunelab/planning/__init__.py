@@ -12,7 +12,7 @@ from pathlib import Path
 from tunelab.errors import ConfigError
 from tunelab.planning.arch import Arch, resolve_arch
 from tunelab.planning.devices import DEVICES, Device, get_device, this_machine
-from tunelab.planning.memory import Breakdown, Setup, breakdown
+from tunelab.planning.memory import STRATEGIES, Breakdown, Setup, breakdown
 from tunelab.planning.timing import Timing, estimate, machine_rates
 
 HEADROOM = 0.9  # above 90% of a device's usable memory a run is "tight"
@@ -92,7 +92,8 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
          lora_rank: int | None = None, dtype: str | None = None, optimizer: str | None = None,
          device: "str | list[str] | None" = None, devices: "list[str] | None" = None,
          steps: int | None = None, overrides=None, timing: bool = True, processes: int = 1,
-         batch_tokens: int | None = None, data: bool | None = None, compiled: bool | None = None) -> PlanResult:
+         batch_tokens: int | None = None, data: bool | None = None, compiled: bool | None = None,
+         strategy: str = "single", world: int = 1) -> PlanResult:
     """Predict peak memory and time of a training run, here and on named devices.
 
     Args:
@@ -107,6 +108,9 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
         steps: optimizer steps, for the total time (default: the config's max_steps).
         timing: False skips the time estimate (and this machine's matmul calibration).
         processes: training processes on the first device, each with its own copy (torchrun).
+        strategy: how `accelerate launch` (or torchrun) splits the run over its processes: single,
+            ddp, fsdp, zero1, zero2 or zero3 (DeepSpeed's stages); the memory is one process's.
+        world: the run's processes on all machines, which fsdp and zero split the state over.
         batch_tokens: the data's largest micro batch in tokens, where known (the training loop
             knows it once the data is encoded); default: the worst case, micro_batch_size rows of
             max_seq_len tokens.
@@ -145,7 +149,7 @@ def plan(config_or_path=None, *, model: str | None = None, method: str | None = 
               lora_rank=lora_rank or cfg.lora.rank, lora_targets=cfg.lora.target_modules,
               lora_dropout=cfg.lora.dropout, optimizer=optimizer or cfg.train.optimizer,
               weight_dtype=cfg.train.weight_dtype, optimizer_in_backward=cfg.train.optimizer_in_backward,
-              batch_tokens=batch_tokens)
+              batch_tokens=batch_tokens, strategy=strategy, world=world)
     _check(s, s.optimizer)
     arch = resolve_arch(model or cfg.model.ref)
     wanted_dtype = dtype or cfg.model.dtype
@@ -260,10 +264,10 @@ def _candidates(arch: Arch, s: Setup, dev: Device) -> list[tuple[str, str, dict]
     if not s.gradient_checkpointing:
         out.append(("grad ckpt", "train.gradient_checkpointing=true (same result, slower: LoRA ~30%, full ~10-15%)",
                     {"gradient_checkpointing": True}))
-    if s.method == "full" and s.weight_dtype == "fp32":
+    if s.method == "full" and s.weight_dtype == "fp32" and not s.shards_optimizer:  # sharded: fp32 master weights
         out.append(("bf16 weights", "train.weight_dtype=bf16 (weights, gradients and AdamW in bf16 with stochastic "
                     "rounding: half their memory)", {"weight_dtype": "bf16"}))
-    if s.method == "full" and not s.optimizer_in_backward:
+    if s.method == "full" and not s.optimizer_in_backward and s.strategy == "single":  # others average first
         mbs = s.micro_batch_size * s.grad_accum_steps
         out.append(("step in backward", f"train.optimizer_in_backward=true train.max_grad_norm=0 "
                     + (f"train.micro_batch_size={mbs} train.grad_accum_steps=1 " if s.grad_accum_steps > 1 else "")
@@ -359,7 +363,9 @@ def _check(s: Setup, optimizer: str) -> None:
         problems.append(f"method={s.method!r}: use one of {', '.join(METHODS)}")
     if optimizer not in ("adamw", "adamw_8bit"):
         problems.append(f"optimizer={optimizer!r}: use adamw or adamw_8bit")
-    for key in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "lora_rank"):
+    if s.strategy not in STRATEGIES:
+        problems.append(f"strategy={s.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    for key in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "lora_rank", "world"):
         if getattr(s, key) < 1:
             problems.append(f"{key}={getattr(s, key)} must be >= 1")
     if problems:
@@ -414,14 +420,49 @@ def _local_processes() -> int:
     return local
 
 
+def launched_strategy() -> tuple[str, int]:
+    """How the launcher of this process splits the run, and over how many processes in all, read
+    from what `accelerate launch` and torchrun put in the environment (the Accelerator that
+    `tunelab train` makes reads the same): ("single", 1) for a process started alone."""
+    import json
+    import os
+
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # fsdp_reshard_after_forward false keeps every layer gathered from its forward to its backward:
+        # whole weights, split gradients and moments, planned as ZeRO-2 (whose fp32 copy errs high)
+        keeps_gathered = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("false", "shard_grad_op")
+        return ("zero2" if keeps_gathered else "fsdp"), world
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None and env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            try:
+                ds = json.loads(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())
+                stage = ds.get("zero_optimization", {}).get("stage")
+            except (OSError, ValueError, AttributeError):
+                stage = None  # DeepSpeed reports an unreadable config itself, after the check
+        stage = int(stage) if str(stage) in ("0", "1", "2", "3") else 2  # accelerate's default stage
+        return ("ddp" if stage == 0 else f"zero{stage}"), world
+    return ("ddp" if world > 1 else "single"), world
+
+
+def _processes_text(procs: int, strategy: str, world: int) -> str:
+    """' (2 processes here, FSDP over 4)' for the check's messages; '' for one process alone."""
+    parts = ([f"{procs} processes here"] if procs > 1 else []) + (
+        [f"{strategy.upper()} over {world} processes"] if strategy != "single" else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def checkpointing_needed(cfg, batch_tokens: int, compiled: bool = False) -> bool:
     """Whether the run does not fit here without gradient checkpointing when its largest micro batch
     holds `batch_tokens` tokens. `tunelab train` asks once its data is encoded, where `check_fits`
     turned checkpointing on for the worst case: real batches are often far shorter (SmolLM2-1.7B's
     LoRA on the alpaca demo here: 8 GB without it, 22% faster than with it)."""
     procs = _local_processes()
+    strategy, world = launched_strategy()
     result = plan(cfg, devices=[], timing=False, processes=procs, gradient_checkpointing=False,
-                  batch_tokens=batch_tokens, compiled=compiled)
+                  batch_tokens=batch_tokens, compiled=compiled, strategy=strategy, world=world)
     return _status(result.here.peak_bytes * procs, result.here.device) == "does not fit"
 
 
@@ -437,8 +478,10 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
     from tunelab.log import info
 
     procs = _local_processes()
+    strategy, world = launched_strategy()
+    planned = dict(devices=[], timing=False, processes=procs, strategy=strategy, world=world)
     try:
-        result = plan(cfg, devices=[], timing=False, processes=procs, data=False)  # no tokenizing before the check
+        result = plan(cfg, data=False, **planned)  # no tokenizing before the check
     except ModelError:
         return None
     v = result.here
@@ -448,7 +491,7 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
         # the worst case has every row max_seq_len long; real rows are mostly far shorter, so before
         # refusing, plan the data's own largest micro batch (encoded through the cache the run reuses)
         worst = need
-        result = plan(cfg, devices=[], timing=False, processes=procs, data=True)
+        result = plan(cfg, data=True, **planned)
         v = result.here
         need = v.peak_bytes * procs
         status = _status(need, v.device)
@@ -464,7 +507,7 @@ def check_fits(cfg, force: bool = False) -> "PlanResult | None":
     if status == "does not fit" and not force:
         raise RunError(
             f"this run is predicted to need {need / 1e9:.1f} GB at its peak"
-            + (f" ({procs} processes)" if procs > 1 else "")
+            + _processes_text(procs, strategy, world)
             + f" and {v.device.name} has {v.device.usable_gb:.1f} GB usable, so it would run out of memory. "
             + " ".join(f"Cheapest change that fits: {a}." for a in v.advice)
             + (f" That is for this data's largest micro batch ({result.data.largest_batch_tokens} tokens)."

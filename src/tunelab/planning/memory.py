@@ -19,6 +19,19 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   recomputes the cheap elementwise work instead), so on a CPU a compiled run's activation term is a
   measured share of the eager one's (COMPILED_ACTIVATION_SHARE; not with gradient checkpointing,
   whose saved inputs are the same either way).
+- over several processes (Setup.strategy, as `accelerate launch` or torchrun set it; world processes
+  in all) each process holds, besides its own activations:
+  ddp: everything, and DDP's gradient buckets (a second copy of the trained gradients);
+  zero1 / zero2: whole weights; AdamW's moments and DeepSpeed's fp32 copy of the trained weights
+  split world ways (zero2: the gradients too, reduced through a bucket of hidden^2 elements);
+  fsdp / zero3: weights, gradients and moments split world ways (a LoRA base in fp32: FSDP2 and
+  ZeRO-3 shard one dtype per layer), plus the weights gathered at once: FSDP2 the root's
+  (embeddings, head, final norm: kept from forward to backward) and two layers' (the one running
+  and the one prefetched), with their whole gradients while they are reduced; ZeRO-3 keeps what it
+  gathered alive up to stage3_max_live_parameters (1e9 elements by default: all of a small model).
+  autocast's bf16 copies are of the gathered weights, so they are whole in every process.
+  The plan assumes fsdp_reshard_after_forward true and no offloading (examples/accelerate/):
+  offloaded shards are in CPU memory, so for a GPU the plan errs high.
 """
 
 from collections.abc import Callable
@@ -52,6 +65,13 @@ NF4_BYTES = 0.5                     # 4 bits per weight
 QUANT_CONST_BYTES = 4 / 64          # one fp32 absmax per block of 64
 QUANT_CONST_DQ_BYTES = 1 / 64 + 4 / (64 * 256)  # double quantization: 8-bit absmax + fp32 per 256 blocks
 
+GATHERED = "gathered weights, buckets"  # the breakdown's term for them
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+# What a launched CPU process holds beyond the terms, for any strategy (gloo, the process group; not
+# taken apart): fitted with bench/fsdp_cpu.py to 12 runs of 2 processes (bench/RESULTS.md)
+CPU_LAUNCHED_BYTES = 500 * MiB
+ZERO3_LIVE_PARAMS = 1e9             # DeepSpeed's stage3_max_live_parameters default: gathered weights kept alive
+
 
 @dataclass
 class Setup:
@@ -75,6 +95,8 @@ class Setup:
     mean_batch_tokens: float | None = None  # the data's mean micro batch (where the plan read the data), for the time
     attention_len: float | None = None   # the data's sum(L^2) / sum(L) (where the plan read the data); else max_seq_len
     compiled: bool = False               # train.compile as the loop resolves it (the plan: where it can know)
+    strategy: str = "single"             # single | ddp | fsdp | zero1 | zero2 | zero3 (STRATEGIES)
+    world: int = 1                       # processes of the run on all machines: what fsdp/zero split over
     # (rows, max_seq_len) -> the data's largest micro batch batched so (where the plan read the data): the advice's plans
     batch_tokens_for: "Callable[[int, int], int] | None" = field(default=None, repr=False, compare=False)
 
@@ -82,6 +104,19 @@ class Setup:
     def bf16_weights(self) -> bool:
         """Full fine-tuning of bf16 weights: weights, gradients and moments bf16, no autocast copies."""
         return self.method == "full" and self.weight_dtype == "bf16"
+
+    @property
+    def shards_weights(self) -> bool:
+        """FSDP and ZeRO-3 split the weights themselves (and keep a LoRA base in fp32)."""
+        return self.strategy in ("fsdp", "zero3")
+
+    @property
+    def shards_gradients(self) -> bool:
+        return self.strategy in ("fsdp", "zero2", "zero3")
+
+    @property
+    def shards_optimizer(self) -> bool:
+        return self.strategy in ("fsdp", "zero1", "zero2", "zero3")
 
     @property
     def tokens(self) -> int:
@@ -101,14 +136,42 @@ class Breakdown:
 
 
 def weight_bytes(arch: Arch, s: Setup) -> float:
+    """The weights one process holds between steps (under FSDP and ZeRO-3 its shard)."""
     n = arch.n_params
-    if s.method == "full":
-        return 2.0 * n if s.bf16_weights else 4.0 * n  # the weights the optimizer updates
     if s.method == "qlora":
         const = QUANT_CONST_DQ_BYTES if s.double_quant else QUANT_CONST_BYTES
         rest = arch.embedding_params + arch.norm_params  # embeddings, head and norms stay in bf16
         return (NF4_BYTES + const) * arch.linear_params + 2.0 * rest
+    if s.shards_weights:  # fp32, the LoRA base too
+        return 4.0 * n / s.world
+    if s.method == "full":
+        return 2.0 * n if s.bf16_weights else 4.0 * n  # the weights the optimizer updates
     return _dtype_bytes(s.compute_dtype) * n  # lora: the frozen base in the compute dtype
+
+
+def layer_params(arch: Arch) -> int:
+    """One decoder layer's weights (what FSDP gathers as a unit)."""
+    return (arch.n_params - arch.embedding_params) // arch.num_layers
+
+
+def gathered_bytes(arch: Arch, s: Setup, kind: str = "cpu") -> float:
+    """Whole fp32 weights (and gradients) that a sharded run holds at once beside its shards (see the
+    module docstring); DDP's and ZeRO-2's gradient buckets."""
+    n_train = trainable_params(arch, s)
+    # on a CPU the main process gathers every weight once more to save them (a GPU's go to CPU memory),
+    # and glibc's heap keeps every trained weight's whole gradient, made before its reduce-scatter
+    on_cpu = 4.0 * (arch.n_params + n_train) if kind == "cpu" and s.shards_weights else 0.0
+    if s.strategy == "fsdp":
+        root = arch.embedding_params + arch.norm_params
+        grads = (4.0 * (root + layer_params(arch)) * n_train / arch.n_params)  # a LoRA run's are its adapters'
+        return 4.0 * (root + 2 * layer_params(arch)) + grads + on_cpu
+    if s.strategy == "zero3":
+        return 4.0 * min(arch.n_params, ZERO3_LIVE_PARAMS) + 4.0 * 2 * arch.hidden_size ** 2 + on_cpu
+    if s.strategy == "zero2":
+        return 4.0 * 2 * arch.hidden_size ** 2  # the reduce bucket, double-buffered
+    if s.strategy == "ddp":
+        return 4.0 * n_train
+    return 0.0
 
 
 def trainable_params(arch: Arch, s: Setup) -> int:
@@ -120,6 +183,8 @@ def held_gradient_params(arch: Arch, s: Setup) -> int:
     backward (train.optimizer_in_backward) one decoder block's and the embedding's (its gradient
     is made in the forward, by the fused loss through the tied head, and stepped last)."""
     n_train = trainable_params(arch, s)
+    if s.shards_gradients:
+        return n_train // s.world
     if not s.optimizer_in_backward:
         return n_train
     return min(n_train, (arch.n_params - arch.embedding_params) // arch.num_layers + arch.embedding_params)
@@ -171,15 +236,21 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     """Peak memory for `kind` cpu (RSS of the training process) or gpu (device memory)."""
     n_train = trainable_params(arch, s)
     w = weight_bytes(arch, s)
-    adapters = 4.0 * n_train if s.method != "full" else 0.0  # fp32 adapters
+    adapters = 4.0 * n_train / (s.world if s.shards_weights else 1) if s.method != "full" else 0.0  # fp32 adapters
     grads = (2.0 if s.bf16_weights else 4.0) * held_gradient_params(arch, s)
     opt = (4.0 if s.bf16_weights else 8.0 if s.optimizer == "adamw" else ADAMW_8BIT_BYTES) * n_train
+    if s.shards_optimizer:  # DeepSpeed steps an fp32 copy of its shard of the trained weights
+        opt = (opt + (4.0 * n_train if s.strategy.startswith("zero") else 0.0)) / s.world
+    gathered = gathered_bytes(arch, s, kind)
     if s.optimizer == "adamw" or kind != "cpu":
         step_temp = 0.0  # fused AdamW: updated in place, one tensor at a time
     else:  # one tensor at a time; for full fine-tuning the largest is the embedding matrix
         step_temp = ADAMW_8BIT_CPU_TEMP * (arch.vocab_size * arch.hidden_size if s.method == "full" else 0)
     low = s.compute_dtype != "fp32"
-    copies = 2.0 * n_train if low and not s.bf16_weights else 0.0  # autocast's bf16 copy of each trained weight
+    # autocast's bf16 copy of each trained weight (whose cast it caches), and of a sharded run's fp32
+    # LoRA base (each cast saved for the backward): whole, since they are made of gathered weights
+    copied = arch.n_params if s.shards_weights else n_train
+    copies = 2.0 * copied if low and not s.bf16_weights else 0.0
     if s.method == "qlora":  # bitsandbytes dequantizes one weight at a time to bf16
         copies += 2.0 * max(a * b for a, b in arch.linears().values())
     act_live = activations(arch, s)
@@ -202,30 +273,40 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     else:
         moment = max(act + during_backward, during_step)
     runtime = CPU_RUNTIME_BYTES + CPU_MISC_BYTES if kind == "cpu" else GPU_CONTEXT_BYTES
+    if kind == "cpu" and s.world > 1:
+        runtime += CPU_LAUNCHED_BYTES
     b = Breakdown(trainable_params=n_train)
     b.terms = {"weights": w, "trainable parameters": adapters, "gradients": grads, "optimizer states": opt,
+               GATHERED: gathered,
                "weight copies (autocast/dequant)": copies, "activations": act, "logits and loss": lg,
                "optimizer step temporaries": step_temp, "framework overhead": float(runtime)}
     b.notes = {
         "weights": _weights_note(arch, s),
         "optimizer states": ("AdamW: 2 bf16 moments, stochastic rounding" if s.bf16_weights
                              else "AdamW: 2 fp32 moments" if s.optimizer == "adamw"
-                             else "8-bit AdamW: 2 x 1 byte + block scales"),
+                             else "8-bit AdamW: 2 x 1 byte + block scales")
+                            + (" + DeepSpeed's fp32 copy of the trained weights" if s.strategy.startswith("zero") else "")
+                            + (f", split {s.world} ways" if s.shards_optimizer else ""),
+        GATHERED: {"fsdp": "embeddings, head and 2 layers gathered in fp32, with their gradients",
+                   "zero3": "weights gathered and kept alive (up to 1e9) + reduce bucket",
+                   "zero2": "gradient reduce bucket", "ddp": "DDP's gradient buckets"}.get(s.strategy, ""),
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
                         + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")
                         + (f"; compiled: x{compiled_share:.2f}" if compiled_share else "")),
-        **({"gradients": "stepped in backward: one block's and the embedding's at once"}
-           if s.optimizer_in_backward else {}),
+        **({"gradients": "stepped in backward: one block's and the embedding's at once"} if s.optimizer_in_backward
+           else {"gradients": f"split {s.world} ways"} if s.shards_gradients else {}),
         "logits and loss": f"{min(CHUNK, int(s.tokens * s.answer_fraction))} rows x {arch.vocab_size} vocab, chunked",
         "framework overhead": "python, torch, transformers, peft imported" if kind == "cpu" else "CUDA context",
     }
-    held = w + adapters + opt + moment
+    held = w + adapters + opt + gathered + moment
     b.peak = runtime + (held if kind == "cpu" else GPU_ALLOCATOR_FACTOR * held)
     return b
 
 
 def _weights_note(arch: Arch, s: Setup) -> str:
+    if s.shards_weights and s.method != "qlora":
+        return f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32), split {s.world} ways"
     if s.method == "full":
         return (f"{arch.n_params / 1e9:.2f}B params x 2 bytes (bf16, updated with stochastic rounding)"
                 if s.bf16_weights else f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32 master)")

@@ -38,7 +38,8 @@ def format_plan(r) -> str:
         + f", {here.dtype} compute, max_seq_len {s.max_seq_len}, micro batch {s.micro_batch_size} "
         f"x {s.grad_accum_steps} accumulation, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}"
         f"{auto}; "
-        f"trainable {b.trainable_params / 1e6:.2f}M",
+        f"trainable {b.trainable_params / 1e6:.2f}M"
+        + (f"; {s.strategy.upper()} over {s.world} processes, memory per process" if s.strategy != "single" else ""),
         _data_line(r),
         "",
         f"peak memory on {here.device.name}:",
