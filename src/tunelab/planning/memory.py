@@ -289,7 +289,9 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
                             + (f", split {s.world} ways" if s.shards_optimizer else ""),
         GATHERED: {"fsdp": "embeddings, head and 2 layers gathered in fp32, with their gradients",
                    "zero3": "weights gathered and kept alive (up to 1e9) + reduce bucket",
-                   "zero2": "gradient reduce bucket", "ddp": "DDP's gradient buckets"}.get(s.strategy, ""),
+                   "zero2": "gradient reduce bucket", "ddp": "DDP's gradient buckets"}.get(s.strategy, "")
+                  + ("; the main process's whole copy to save, the whole gradients the heap keeps"
+                     if kind == "cpu" and s.shards_weights else ""),
         "activations": (f"{activation_bytes_per_token_layer(arch, s) / 1024:.1f} KiB/token/layer x {s.tokens} tokens"
                         + (" (checkpointed: layer inputs + one layer)" if s.gradient_checkpointing else "")
                         + (f", x{heap:.2f} CPU heap + {CPU_VOCAB_BYTES_PER_TOKEN} B x vocab per token" if kind == "cpu" else "")
@@ -297,7 +299,9 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
         **({"gradients": "stepped in backward: one block's and the embedding's at once"} if s.optimizer_in_backward
            else {"gradients": f"split {s.world} ways"} if s.shards_gradients else {}),
         "logits and loss": f"{min(CHUNK, int(s.tokens * s.answer_fraction))} rows x {arch.vocab_size} vocab, chunked",
-        "framework overhead": "python, torch, transformers, peft imported" if kind == "cpu" else "CUDA context",
+        "framework overhead": ("python, torch, transformers, peft imported"
+                               + (", a launched process's extra (gloo, process group)" if s.world > 1 else "")
+                               if kind == "cpu" else "CUDA context"),
     }
     held = w + adapters + opt + gathered + moment
     b.peak = runtime + (held if kind == "cpu" else GPU_ALLOCATOR_FACTOR * held)
