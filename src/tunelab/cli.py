@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--force", action="store_true", help="train even if the plan predicts it does not fit in memory")
 
+    from tunelab.planning.memory import STRATEGIES  # the plan's own list (a light import)
+
     pl = sub.add_parser("plan", help="will a run fit (memory by term), where, how long, and what to change")
     pl.add_argument("config", nargs="?", default=None, help="a run config (YAML) or a model's config.json")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--data", action=argparse.BooleanOptionalAction, default=None,
                     help="read and encode the config's data: time and memory for its real batches (default where "
                          "data.train is a local file); --no-data: the worst case, every row max_seq_len long")
-    pl.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"],
+    pl.add_argument("--strategy", default="single", choices=STRATEGIES,
                     help="how `accelerate launch` splits the run over its processes (examples/accelerate/)")
     pl.add_argument("--world", type=int, default=1, help="the run's processes on all machines (fsdp, zero split over them)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -30,6 +30,9 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   and the one prefetched), with their whole gradients while they are reduced; ZeRO-3 keeps what it
   gathered alive up to stage3_max_live_parameters (1e9 elements by default: all of a small model).
   autocast's bf16 copies are of the gathered weights, so they are whole in every process.
+  On a CPU, fitted to two-process runs (bench/fsdp_cpu.py): under fsdp / zero3 the main process
+  gathers every weight once more to save them, and glibc's heap keeps every trained weight's whole
+  gradient (made before its reduce-scatter); every launched process holds CPU_LAUNCHED_BYTES more.
   The plan assumes fsdp_reshard_after_forward true and no offloading (examples/accelerate/):
   offloaded shards are in CPU memory, so for a GPU the plan errs high.
 """
@@ -187,7 +190,7 @@ def held_gradient_params(arch: Arch, s: Setup) -> int:
         return n_train // s.world
     if not s.optimizer_in_backward:
         return n_train
-    return min(n_train, (arch.n_params - arch.embedding_params) // arch.num_layers + arch.embedding_params)
+    return min(n_train, layer_params(arch) + arch.embedding_params)
 
 
 def activation_bytes_per_token_layer(arch: Arch, s: Setup) -> float:
