@@ -631,6 +631,12 @@ def test_fsdp_and_zero_split_the_state_each_process_holds():
     assert verdicts["fsdp"].status == verdicts["zero3"].status == "fits"
     assert verdicts["ddp"].peak_bytes > verdicts["single"].peak_bytes
     assert verdicts["fsdp"].peak_bytes < verdicts["zero2"].peak_bytes < verdicts["single"].peak_bytes
+    from tunelab.planning import fsdp_world
+
+    assert fsdp_world(arch, full, a100) == 4  # the report's "or split it" line: the fewest that fit
+    assert judge(arch, replace(full, strategy="fsdp", world=4), a100, timing=False).fits
+    assert not judge(arch, replace(full, strategy="fsdp", world=2), a100, timing=False).fits
+    assert fsdp_world(arch, replace(full, strategy="fsdp", world=2), a100) is None
     # the loop refuses bf16 weights under a sharded optimizer and stepping in backward under any
     # launcher, so the advice does not offer them there
     tight = judge(from_table("13b"), replace(full, strategy="fsdp", world=2), a100, timing=False)

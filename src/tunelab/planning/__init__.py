@@ -245,6 +245,19 @@ def advise(arch: Arch, s: Setup, dev: Device) -> list[str]:
     return [_fix_text(arch, s, dev, long=True)] if _fix(arch, s, dev) is not None else [_no_fix(arch, s, dev)]
 
 
+def fsdp_world(arch: Arch, s: Setup, dev: Device, most: int = 64) -> int | None:
+    """The fewest processes (one a device) over which FSDP makes the run fit on devices like `dev`,
+    as the run is set up now; None where 64 would not, or where the run is split already."""
+    if s.strategy != "single":
+        return None
+    world = 2
+    while world <= most:
+        if _fits(arch, replace(s, strategy="fsdp", world=world), dev):
+            return world
+        world *= 2
+    return None
+
+
 def short_fix(arch: Arch, s: Setup, dev: Device) -> str:
     """'fits with: lora + grad ckpt' for the devices table."""
     fix = _fix(arch, s, dev)

@@ -24,7 +24,7 @@ def _duration(seconds: float | None) -> str:
 def format_plan(r) -> str:
     from dataclasses import replace
 
-    from tunelab.planning import short_fix
+    from tunelab.planning import fsdp_world, short_fix
 
     a, s, b = r.arch, r.setup, r.breakdown
     here = r.verdicts[0]
@@ -76,6 +76,11 @@ def format_plan(r) -> str:
                  f"{here.device.usable_gb:.1f} GB usable)")
     for advice in here.advice:
         lines.append(f"advice:  {advice}")
+    world = fsdp_world(r.arch, replace(s, compute_dtype=here.dtype), here.device) if here.status != "fits" else None
+    if world:
+        lines.append(f"or split it as it is: FSDP over {world} {'GPUs' if here.device.kind == 'gpu' else 'machines'} "
+                     f"like this one fits (`--strategy fsdp --world {world}`; accelerate launch with "
+                     "examples/accelerate/fsdp.yaml, see \"More than one GPU or machine\" in the README)")
     return "\n".join(lines)
 
 
