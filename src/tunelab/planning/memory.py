@@ -29,7 +29,8 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   (embeddings, head, final norm: kept from forward to backward) and two layers' (the one running
   and the one prefetched), with their whole gradients while they are reduced; ZeRO-3 keeps what it
   gathered alive up to stage3_max_live_parameters (1e9 elements by default: all of a small model).
-  autocast's bf16 copies are of the gathered weights, so they are whole in every process.
+  autocast's bf16 copies are of the gathered weights, so they are whole in every process (what
+  eager autograd saves; compiled blocks may cast again in the backward instead: then this errs high).
   On a CPU, fitted to two-process runs (bench/fsdp_cpu.py): under fsdp / zero3 the main process
   gathers every weight once more to save them, and glibc's heap keeps every trained weight's whole
   gradient (made before its reduce-scatter); every launched process holds CPU_LAUNCHED_BYTES more.
