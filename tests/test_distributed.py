@@ -129,6 +129,23 @@ def test_sharded_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path,
     check_same_final_weights(tmp_path, weights)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_with_bf16_compute_gathers_bf16_weights_and_trains_as_one_process(tiny_config, tmp_path, method):
+    """With bf16 compute FSDP gathers each layer in bf16 and reduces gradients in fp32 (its mixed
+    precision; autocast had cast fp32 gathers and kept the copies): the losses stay those of one
+    process under autocast to bf16's precision."""
+    lr = {"learning_rate": 1e-3} if method == "full" else {}
+    one, two = write_configs(tiny_config, tmp_path, method=method, **lr)
+    for config in (one, two):
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"]["dtype"] = "bf16"
+        config.write_text(yaml.safe_dump(cfg))
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
+    proc = accelerate_launch(launch_yaml("fsdp"), two)
+    check_same_as_one_process(tmp_path, proc, rel=2e-2, weights=weights_file(method))
+    assert "FSDP gathers the weights in bf16 and reduces the gradients in fp32" in " ".join(proc.stdout.split())
+
+
 def check_same_final_weights(tmp_path, weights: str) -> None:
     from safetensors.torch import load_file
 

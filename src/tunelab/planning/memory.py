@@ -27,10 +27,11 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   fsdp / zero3: weights, gradients and moments split world ways (a LoRA base in fp32: FSDP2 and
   ZeRO-3 shard one dtype per layer), plus the weights gathered at once: FSDP2 the root's
   (embeddings, head, final norm: kept from forward to backward) and two layers' (the one running
-  and the one prefetched), with their whole gradients while they are reduced; ZeRO-3 keeps what it
-  gathered alive up to stage3_max_live_parameters (1e9 elements by default: all of a small model).
-  autocast's bf16 copies are of the gathered weights, so they are whole in every process (what
-  eager autograd saves; compiled blocks may cast again in the backward instead: then this errs high).
+  and the one prefetched), gathered in the compute dtype (its mixed precision: no autocast copies),
+  with their whole gradients while they are reduced; ZeRO-3 keeps what it gathered alive up to
+  stage3_max_live_parameters (1e9 elements by default: all of a small model), in fp32, so
+  autocast's bf16 copies of them are whole in every process (what eager autograd saves; compiled
+  blocks may cast again in the backward instead: then this errs high).
   On a CPU, fitted to two-process runs (bench/fsdp_cpu.py): under fsdp / zero3 the main process
   gathers every weight once more to save them, and glibc's heap keeps every trained weight's whole
   gradient (made before its reduce-scatter); every launched process holds CPU_LAUNCHED_BYTES more.
@@ -165,10 +166,10 @@ def gathered_bytes(arch: Arch, s: Setup, kind: str = "cpu") -> float:
     # on a CPU the main process gathers every weight once more to save them (a GPU's go to CPU memory),
     # and glibc's heap keeps every trained weight's whole gradient, made before its reduce-scatter
     on_cpu = 4.0 * (arch.n_params + n_train) if kind == "cpu" and s.shards_weights else 0.0
-    if s.strategy == "fsdp":
+    if s.strategy == "fsdp":  # gathered in the compute dtype (training/distributed.fsdp_mixed_precision)
         root = arch.embedding_params + arch.norm_params
         grads = (4.0 * (root + layer_params(arch)) * n_train / arch.n_params)  # a LoRA run's are its adapters'
-        return 4.0 * (root + 2 * layer_params(arch)) + grads + on_cpu
+        return _dtype_bytes(s.compute_dtype) * (root + 2 * layer_params(arch)) + grads + on_cpu
     if s.strategy == "zero3":
         return 4.0 * min(arch.n_params, ZERO3_LIVE_PARAMS) + 4.0 * 2 * arch.hidden_size ** 2 + on_cpu
     if s.strategy == "zero2":
@@ -251,9 +252,10 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     else:  # one tensor at a time; for full fine-tuning the largest is the embedding matrix
         step_temp = ADAMW_8BIT_CPU_TEMP * (arch.vocab_size * arch.hidden_size if s.method == "full" else 0)
     low = s.compute_dtype != "fp32"
-    # autocast's bf16 copy of each trained weight (whose cast it caches), and of a sharded run's fp32
-    # LoRA base (each cast saved for the backward): whole, since they are made of gathered weights
-    copied = arch.n_params if s.shards_weights else n_train
+    # autocast's bf16 copy of each trained weight (whose cast it caches), and under ZeRO-3 of the fp32
+    # LoRA base (each cast saved for the backward): whole, since they are made of gathered weights.
+    # FSDP gathers in bf16 itself: nothing for autocast to cast.
+    copied = 0 if s.strategy == "fsdp" else arch.n_params if s.shards_weights else n_train
     copies = 2.0 * copied if low and not s.bf16_weights else 0.0
     if s.method == "qlora":  # bitsandbytes dequantizes one weight at a time to bf16
         copies += 2.0 * max(a * b for a, b in arch.linears().values())
@@ -291,7 +293,7 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
                              else "8-bit AdamW: 2 x 1 byte + block scales")
                             + (" + DeepSpeed's fp32 copy of the trained weights" if s.strategy.startswith("zero") else "")
                             + (f", split {s.world} ways" if s.shards_optimizer else ""),
-        GATHERED: {"fsdp": "embeddings, head and 2 layers gathered in fp32, with their gradients",
+        GATHERED: {"fsdp": f"embeddings, head and 2 layers gathered in {s.compute_dtype}, with their gradients",
                    "zero3": "weights gathered and kept alive (up to 1e9) + reduce bucket",
                    "zero2": "gradient reduce bucket", "ddp": "DDP's gradient buckets"}.get(s.strategy, "")
                   + ("; the main process's whole copy to save, the whole gradients the heap keeps"

@@ -21,6 +21,8 @@ DDP, FSDP and DeepSpeed ZeRO-2/3 are tested here on 2 CPU processes (gloo, tests
 import os
 from contextlib import contextmanager
 
+import torch
+
 from tunelab.errors import RunError
 
 
@@ -68,6 +70,21 @@ def _deepspeed_on_cpus(accelerator) -> None:
     state.distributed_type = DistributedType.DEEPSPEED
     PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
     accelerator.deepspeed_engine_wrapped = None
+
+
+def fsdp_mixed_precision(accelerator, compute_dtype) -> bool:
+    """Before prepare: under FSDP with bf16 (fp16) compute, FSDP2 gathers each layer's weights in the
+    compute dtype and reduces the gradients in fp32 (its MixedPrecisionPolicy), as FSDP runs on GPUs
+    are set up: half the bytes gathered, and no whole fp32 layer gathered only for autocast to cast
+    it, whose bf16 copies the backward keeps (2 bytes of every weight in every process). The shards,
+    AdamW and the saved weights stay fp32. Returns whether it set that."""
+    if strategy(accelerator) != "fsdp" or compute_dtype == torch.float32:
+        return False
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return True
 
 
 def strategy(accelerator) -> str:

@@ -198,6 +198,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     if start_ckpt is not None:  # before prepare: FSDP and ZeRO-3 then shard the loaded weights
         ckpt.load_weights(start_ckpt, model, cfg.method)
     distributed.configure_deepspeed(accelerator, cfg.train)
+    if distributed.fsdp_mixed_precision(accelerator, compute_dtype):
+        info(f"FSDP gathers the weights in {dtype_name(compute_dtype)} and reduces the gradients in fp32")
     model, optimizer = accelerator.prepare(model, optimizer)
     in_backward = cfg.train.optimizer_in_backward
     if in_backward:
