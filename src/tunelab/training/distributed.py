@@ -14,7 +14,9 @@ parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the o
   micro batches and divides each loss by that number itself, so it is told ours;
 - generation evaluation splits the prompts between the processes; under FSDP and ZeRO-3 it first
   gathers the whole weights on each (`eval.gather_weights`), else the processes generate in
-  lockstep, as each forward then gathers weights from all of them.
+  lockstep, as each forward then gathers weights from all of them;
+- with bf16 compute FSDP gathers each layer in bf16 and reduces gradients in fp32 (its mixed
+  precision), so autocast has no fp32 gathers to cast; ZeRO-3 gathers fp32 and autocast casts.
 DDP, FSDP and DeepSpeed ZeRO-2/3 are tested here on 2 CPU processes (gloo, tests/test_distributed.py).
 """
 
