@@ -129,21 +129,40 @@ def test_sharded_on_two_cpu_processes_matches_one_process(tiny_config, tmp_path,
     check_same_final_weights(tmp_path, weights)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_fsdp_with_bf16_compute_gathers_bf16_weights_and_trains_as_one_process(tiny_config, tmp_path, method):
-    """With bf16 compute FSDP gathers each layer in bf16 and reduces gradients in fp32 (its mixed
-    precision; autocast had cast fp32 gathers and kept the copies): the losses stay those of one
-    process under autocast to bf16's precision."""
-    lr = {"learning_rate": 1e-3} if method == "full" else {}
-    one, two = write_configs(tiny_config, tmp_path, method=method, **lr)
-    for config in (one, two):
+BF16_SAID = {"fsdp": "FSDP gathers the weights in bf16 and reduces the gradients in fp32",
+             "zero2": "DeepSpeed holds the weights in bf16 and their fp32 masters",
+             "zero3": "DeepSpeed holds the weights in bf16 and their fp32 masters"}
+
+
+def in_bf16(*configs: Path) -> None:
+    for config in configs:
         cfg = yaml.safe_load(config.read_text())
         cfg["model"]["dtype"] = "bf16"
         config.write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.parametrize("strategy, method", [("fsdp", "full"), ("fsdp", "lora"), ("zero2", "full"),
+                                              ("zero3", "full"), ("zero3", "lora")])
+def test_bf16_compute_under_fsdp_and_deepspeed_trains_as_one_process(tiny_config, tmp_path, strategy, method):
+    """With bf16 compute FSDP gathers each layer in bf16 and reduces gradients in fp32 (its mixed
+    precision), and DeepSpeed runs in its bf16 mode (bf16 weights, fp32 masters with AdamW); before,
+    both gathered fp32 weights for autocast to cast and keep the copies. The losses stay those of one
+    process under autocast to bf16's precision, and final/ holds the trained weights in fp32: under
+    DeepSpeed its masters, not their bf16 working copies."""
+    from safetensors.torch import load_file
+
+    lr = {"learning_rate": 1e-3} if method == "full" else {}
+    one, two = write_configs(tiny_config, tmp_path, method=method, **lr)
+    in_bf16(one, two)
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(one), "--quiet"], check=True)
-    proc = accelerate_launch(launch_yaml("fsdp"), two)
+    proc = accelerate_launch(launch_yaml(strategy), two)
     check_same_as_one_process(tmp_path, proc, rel=2e-2, weights=weights_file(method))
-    assert "FSDP gathers the weights in bf16 and reduces the gradients in fp32" in " ".join(proc.stdout.split())
+    assert BF16_SAID[strategy] in " ".join(proc.stdout.split())
+    final = load_file(both_runs(tmp_path)[1] / "final" / weights_file(method))
+    trained = [v for k, v in final.items() if "layers.0." in k and v.dim() == 2]
+    assert trained and all(v.dtype == torch.float32 for v in trained)
+    # masters, trained past bf16's resolution: not every value is a bf16 number
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in trained)
 
 
 def check_same_final_weights(tmp_path, weights: str) -> None:
@@ -186,16 +205,21 @@ def test_fsdp_validation_with_a_share_one_short_matches_one_process(tiny_config,
     assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)  # before and after training
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-def test_a_run_resumed_under_the_launcher_ends_as_one_never_interrupted(tiny_config, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, dtype", [("ddp", "fp32"), ("fsdp", "fp32"), ("zero2", "fp32"), ("zero3", "fp32"),
+                                             ("zero2", "bf16"), ("zero3", "bf16")])
+def test_a_run_resumed_under_the_launcher_ends_as_one_never_interrupted(tiny_config, tmp_path, strategy, dtype):
     """Checkpoints under DDP hold the whole AdamW state, under FSDP and DeepSpeed each process's
     shard of it, so a run resumed under the same launcher ends with exactly the weights of one never
-    interrupted (under ZeRO-3 loaded into a model transformers loaded partitioned). Sharded, one
-    process resuming it starts the moments from zero (the shards were cut for two), and says so."""
+    interrupted (under ZeRO-3 loaded into a model transformers loaded partitioned; in DeepSpeed's
+    bf16 mode the checkpoint's fp32 weights become its masters again, not their bf16 roundings).
+    Sharded, one process resuming it starts the moments from zero (the shards were cut for two),
+    and says so."""
     from safetensors.torch import load_file
 
     launch = launch_yaml(strategy)
     _, two = write_configs(tiny_config, tmp_path, method="full", learning_rate=1e-3, save_every_n_steps=1)
+    if dtype == "bf16":
+        in_bf16(two)
     assert accelerate_launch(launch, two).returncode == 0
     run, losses = run_losses(tmp_path / "runs", "two")
     step2 = run / "checkpoints" / "step-000002"

@@ -16,7 +16,9 @@ parameters across processes, and FSDP and every DeepSpeed ZeRO stage split the o
   gathers the whole weights on each (`eval.gather_weights`), else the processes generate in
   lockstep, as each forward then gathers weights from all of them;
 - with bf16 compute FSDP gathers each layer in bf16 and reduces gradients in fp32 (its mixed
-  precision), so autocast has no fp32 gathers to cast; ZeRO-3 gathers fp32 and autocast casts.
+  precision), so autocast has no fp32 gathers to cast; DeepSpeed ZeRO 1-3 runs in its own bf16
+  mode (bf16 weights, fp32 master weights beside AdamW's moments), and saving and resuming go
+  through those masters.
 DDP, FSDP and DeepSpeed ZeRO-2/3 are tested here on 2 CPU processes (gloo, tests/test_distributed.py).
 """
 
@@ -87,6 +89,39 @@ def fsdp_mixed_precision(accelerator, compute_dtype) -> bool:
     accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
         param_dtype=compute_dtype, reduce_dtype=torch.float32)
     return True
+
+
+def deepspeed_mixed_precision(accelerator, compute_dtype) -> bool:
+    """Before the model loads: under DeepSpeed ZeRO 1-3 with bf16 compute, DeepSpeed's own bf16
+    mode, as DeepSpeed runs on GPUs are set up: the model's weights are bf16 (ZeRO-3 gathers each
+    layer so, and ZeRO-1/2 keep a whole copy at 2 bytes a weight, not 4), their fp32 master copies sit
+    with AdamW, split between the processes as its moments are, and gradients are reduced and
+    accumulated in fp32. Before, every weight stayed fp32 and autocast cast each gathered layer, whose
+    bf16 copies the backward kept in every process. Saving and resuming read and write the masters
+    (`full_state_dict`, `load_master_weights`). ZeRO stage 0 (plain data parallel) is left in fp32:
+    its bf16 optimizer is another one. Returns whether DeepSpeed runs in bf16, also where the
+    user's own DeepSpeed config turned it on."""
+    if strategy(accelerator) != "deepspeed":
+        return False
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    if compute_dtype == torch.bfloat16 and _zero_stage(accelerator) > 0 and not deepspeed_bf16(accelerator):
+        if str(ds.get("fp16", {}).get("enabled", False)).lower() == "true":
+            raise RunError("the DeepSpeed config turns fp16 on but model.dtype is bf16: remove its fp16 section "
+                           "(tunelab sets DeepSpeed's precision from model.dtype)")
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+        ds.setdefault("communication_data_type", "fp32")  # gradients reduced in fp32, as FSDP's are here
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        plugin.set_deepspeed_weakref()  # transformers then loads a ZeRO-3 model partitioned in bf16
+    return deepspeed_bf16(accelerator)
+
+
+def deepspeed_bf16(accelerator) -> bool:
+    """DeepSpeed holds the weights in bf16 and their fp32 masters inside its optimizer."""
+    if strategy(accelerator) != "deepspeed":
+        return False
+    bf16 = accelerator.state.deepspeed_plugin.deepspeed_config.get("bf16", {})
+    return str(bf16.get("enabled", False)).lower() == "true"
 
 
 def strategy(accelerator) -> str:
@@ -160,15 +195,34 @@ def loss_scale(accelerator) -> int:
 def full_state_dict(accelerator, model) -> "dict | None":
     """The whole model's weights, gathered from every process when they are sharded (call it on all
     processes); None when each process already holds them all."""
-    if not shards_parameters(accelerator):
+    if not shards_parameters(accelerator) and not deepspeed_bf16(accelerator):
         return None
     state = accelerator.get_state_dict(model)
+    if deepspeed_bf16(accelerator):  # the trained weights' fp32 masters, not their bf16 working copies
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in accelerator.unwrap_model(model).named_parameters():
+            if param.requires_grad:
+                master = safe_get_full_fp32_param(param)  # a collective: every process asks for each
+                if state is not None:
+                    state[name] = master.cpu()
     # gathered, a tied output head is a copy of the embeddings; saved once, as one process saves it
     unwrapped = accelerator.unwrap_model(model)
     if state is not None and getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False):
         for tied in getattr(unwrapped, "_tied_weights_keys", None) or {}:
             state.pop(tied, None)
     return state
+
+
+def load_master_weights(model, weights: dict) -> None:
+    """After `prepare`, on a resume under DeepSpeed's bf16 mode: the fp32 masters set to the
+    checkpoint's trained weights (`checkpoint.saved_trained_weights`). DeepSpeed made them from the
+    model's bf16 weights, roundings of those."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in model.named_parameters():
+        if name in weights:
+            safe_set_full_fp32_param(param, weights[name])
 
 
 @contextmanager
