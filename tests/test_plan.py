@@ -611,14 +611,21 @@ def test_the_memory_check_reads_how_the_launcher_splits_the_run(monkeypatch, tmp
 def test_fsdp_and_zero_split_the_state_each_process_holds():
     """Full fine-tuning of 7B (16 bytes a weight of state) on 80 GB GPUs: one process, or DDP, does
     not fit; FSDP and ZeRO-3 over 8 hold an eighth of the weights, gradients and moments (plus what
-    they gather), ZeRO-2 whole weights and an eighth of the rest."""
+    they gather), ZeRO-2 whole weights and an eighth of the rest. With bf16 compute DeepSpeed's
+    weights are bf16 (its masters are counted with the moments), FSDP's shards fp32."""
     arch, a100 = from_table("7b"), get_device("a100-80gb")
     n = arch.n_params
     full = Setup(method="full", max_seq_len=2048, micro_batch_size=1, grad_accum_steps=1, compute_dtype="bf16")
     terms = {s: breakdown(arch, replace(full, strategy=s, world=8), "gpu").terms
              for s in ("single", "ddp", "fsdp", "zero2", "zero3")}
-    assert terms["fsdp"]["weights"] == terms["zero3"]["weights"] == 4 * n / 8 == terms["single"]["weights"] / 8
-    assert terms["zero2"]["weights"] == 4 * n
+    assert terms["fsdp"]["weights"] == 4 * n / 8 == terms["single"]["weights"] / 8
+    assert terms["zero3"]["weights"] == 2 * n / 8 and terms["zero2"]["weights"] == 2 * n
+    copies = "weight copies (autocast/dequant)"
+    assert terms["zero2"][copies] == terms["zero3"][copies] == 0 < terms["single"][copies]  # nothing to cast
+    fp32 = {s: breakdown(arch, replace(full, strategy=s, world=8, compute_dtype="fp32"), "gpu").terms
+            for s in ("zero2", "zero3")}
+    assert fp32["zero3"]["weights"] == 4 * n / 8 and fp32["zero2"]["weights"] == 4 * n
+    assert fp32["zero3"]["gathered weights, buckets"] > terms["zero3"]["gathered weights, buckets"]
     for s in ("fsdp", "zero2", "zero3"):
         assert terms[s]["gradients"] == pytest.approx(4 * n / 8, rel=1e-6)
     assert terms["fsdp"]["optimizer states"] == 8 * n / 8
@@ -648,9 +655,10 @@ def test_a_sharded_lora_run_plans_its_fp32_base():
     """FSDP and ZeRO-3 keep a LoRA base in fp32 (one dtype per sharded layer). Under ZeRO-3
     autocast's bf16 casts of every base weight are saved for the backward, so over two processes a
     LoRA run holds more than alone (measured: bench/fsdp_cpu.py --method lora); FSDP gathers in bf16
-    itself, so nothing is cast there."""
+    itself, and with bf16 compute DeepSpeed holds the base in bf16 (its bf16 mode): nothing is cast
+    there. fp16 compute is left to autocast under DeepSpeed."""
     arch = from_table("7b")
-    lora = Setup(method="lora", max_seq_len=1024, micro_batch_size=1, compute_dtype="bf16")
+    lora = Setup(method="lora", max_seq_len=1024, micro_batch_size=1, compute_dtype="fp16")
     alone = breakdown(arch, lora, "gpu")
     fsdp, zero3 = (breakdown(arch, replace(lora, strategy=s, world=2), "gpu") for s in ("fsdp", "zero3"))
     assert alone.terms["weights"] == 2 * arch.n_params
@@ -658,6 +666,9 @@ def test_a_sharded_lora_run_plans_its_fp32_base():
     copies = "weight copies (autocast/dequant)"
     assert zero3.terms[copies] == 2 * arch.n_params > alone.terms[copies] > fsdp.terms[copies] == 0
     assert zero3.peak > alone.peak
+    zero3_bf16 = breakdown(arch, replace(lora, strategy="zero3", world=2, compute_dtype="bf16"), "gpu")
+    assert zero3_bf16.terms["weights"] == 2 * arch.n_params / 2 and zero3_bf16.terms[copies] == 0
+    assert zero3_bf16.peak < alone.peak
 
 
 def test_the_memory_check_plans_one_processs_share_under_fsdp(tiny_config, monkeypatch, tmp_path):

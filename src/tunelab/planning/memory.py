@@ -29,9 +29,11 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   (embeddings, head, final norm: kept from forward to backward) and two layers' (the one running
   and the one prefetched), gathered in the compute dtype (its mixed precision: no autocast copies),
   with their whole gradients while they are reduced; ZeRO-3 keeps what it gathered alive up to
-  stage3_max_live_parameters (1e9 elements by default: all of a small model), in fp32, so
-  autocast's bf16 copies of them are whole in every process (what eager autograd saves; compiled
-  blocks may cast again in the backward instead: then this errs high).
+  stage3_max_live_parameters (1e9 elements by default: all of a small model).
+  With bf16 compute DeepSpeed runs in its bf16 mode (training/distributed.deepspeed_mixed_precision):
+  the weights are bf16 (ZeRO-3: their shards and what it gathers), the fp32 masters sit with the
+  moments, and autocast has nothing to cast; in fp32 ZeRO-3 gathers fp32 weights, and with fp16
+  compute autocast's copies of them are whole in every process.
   On a CPU, fitted to two-process runs (bench/fsdp_cpu.py): under fsdp / zero3 the main process
   gathers every weight once more to save them, and glibc's heap keeps every trained weight's whole
   gradient (made before its reduce-scatter); every launched process holds CPU_LAUNCHED_BYTES more.
@@ -111,6 +113,11 @@ class Setup:
         return self.method == "full" and self.weight_dtype == "bf16"
 
     @property
+    def deepspeed_bf16(self) -> bool:
+        """DeepSpeed's bf16 mode (ZeRO 1-3 with bf16 compute): bf16 weights, fp32 masters with the moments."""
+        return self.strategy.startswith("zero") and self.compute_dtype == "bf16"
+
+    @property
     def shards_weights(self) -> bool:
         """FSDP and ZeRO-3 split the weights themselves (and keep a LoRA base in fp32)."""
         return self.strategy in ("fsdp", "zero3")
@@ -147,10 +154,10 @@ def weight_bytes(arch: Arch, s: Setup) -> float:
         const = QUANT_CONST_DQ_BYTES if s.double_quant else QUANT_CONST_BYTES
         rest = arch.embedding_params + arch.norm_params  # embeddings, head and norms stay in bf16
         return (NF4_BYTES + const) * arch.linear_params + 2.0 * rest
-    if s.shards_weights:  # fp32, the LoRA base too
-        return 4.0 * n / s.world
-    if s.method == "full":
-        return 2.0 * n if s.bf16_weights else 4.0 * n  # the weights the optimizer updates
+    if s.shards_weights:  # fp32, the LoRA base too, but for DeepSpeed's bf16 mode
+        return (2.0 if s.deepspeed_bf16 else 4.0) * n / s.world
+    if s.method == "full":  # the weights the optimizer updates (DeepSpeed's bf16 mode: its masters' copies)
+        return 2.0 * n if s.bf16_weights or s.deepspeed_bf16 else 4.0 * n
     return _dtype_bytes(s.compute_dtype) * n  # lora: the frozen base in the compute dtype
 
 
@@ -171,7 +178,8 @@ def gathered_bytes(arch: Arch, s: Setup, kind: str = "cpu") -> float:
         grads = (4.0 * (root + layer_params(arch)) * n_train / arch.n_params)  # a LoRA run's are its adapters'
         return _dtype_bytes(s.compute_dtype) * (root + 2 * layer_params(arch)) + grads + on_cpu
     if s.strategy == "zero3":
-        return 4.0 * min(arch.n_params, ZERO3_LIVE_PARAMS) + 4.0 * 2 * arch.hidden_size ** 2 + on_cpu
+        live = (2.0 if s.deepspeed_bf16 else 4.0) * min(arch.n_params, ZERO3_LIVE_PARAMS)
+        return live + 4.0 * 2 * arch.hidden_size ** 2 + on_cpu
     if s.strategy == "zero2":
         return 4.0 * 2 * arch.hidden_size ** 2  # the reduce bucket, double-buffered
     if s.strategy == "ddp":
@@ -254,8 +262,9 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
     low = s.compute_dtype != "fp32"
     # autocast's bf16 copy of each trained weight (whose cast it caches), and under ZeRO-3 of the fp32
     # LoRA base (each cast saved for the backward): whole, since they are made of gathered weights.
-    # FSDP gathers in bf16 itself: nothing for autocast to cast.
-    copied = 0 if s.strategy == "fsdp" else arch.n_params if s.shards_weights else n_train
+    # FSDP gathers in bf16 itself, and DeepSpeed's bf16 mode holds bf16 weights: nothing to cast.
+    copied = (0 if s.strategy == "fsdp" or s.deepspeed_bf16 else arch.n_params if s.shards_weights
+              else n_train)
     copies = 2.0 * copied if low and not s.bf16_weights else 0.0
     if s.method == "qlora":  # bitsandbytes dequantizes one weight at a time to bf16
         copies += 2.0 * max(a * b for a, b in arch.linears().values())
@@ -294,7 +303,7 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
                             + (" + DeepSpeed's fp32 copy of the trained weights" if s.strategy.startswith("zero") else "")
                             + (f", split {s.world} ways" if s.shards_optimizer else ""),
         GATHERED: {"fsdp": f"embeddings, head and 2 layers gathered in {s.compute_dtype}, with their gradients",
-                   "zero3": "weights gathered and kept alive (up to 1e9) + reduce bucket",
+                   "zero3": f"weights gathered {'in bf16 ' if s.deepspeed_bf16 else ''}and kept alive (up to 1e9) + reduce bucket",
                    "zero2": "gradient reduce bucket", "ddp": "DDP's gradient buckets"}.get(s.strategy, "")
                   + ("; the main process's whole copy to save, the whole gradients the heap keeps"
                      if kind == "cpu" and s.shards_weights else ""),
@@ -316,7 +325,11 @@ def breakdown(arch: Arch, s: Setup, kind: str = "cpu") -> Breakdown:
 
 def _weights_note(arch: Arch, s: Setup) -> str:
     if s.shards_weights and s.method != "qlora":
+        if s.deepspeed_bf16:
+            return f"{arch.n_params / 1e9:.2f}B params x 2 bytes (bf16, DeepSpeed's), split {s.world} ways"
         return f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32), split {s.world} ways"
+    if s.method == "full" and s.deepspeed_bf16:
+        return f"{arch.n_params / 1e9:.2f}B params x 2 bytes (bf16, DeepSpeed's; its fp32 masters with the moments)"
     if s.method == "full":
         return (f"{arch.n_params / 1e9:.2f}B params x 2 bytes (bf16, updated with stochastic rounding)"
                 if s.bf16_weights else f"{arch.n_params / 1e9:.2f}B params x 4 bytes (fp32 master)")
