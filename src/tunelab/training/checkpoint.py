@@ -11,7 +11,6 @@ never leaves a half-written checkpoint behind.
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -148,28 +147,6 @@ def load_weights(folder: Path, model, method: str) -> None:
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
-
-
-def saved_trained_weights(folder: Path, model, method: str) -> dict:
-    """The checkpoint's fp32 values of `model`'s trainable parameters, keyed by their names in it,
-    read from the files (under ZeRO-3 the model's own parameters are partitioned shells)."""
-    from safetensors.torch import load_file
-
-    if method in ("lora", "qlora"):
-        saved = load_file(folder / "adapter_model.safetensors")
-    else:
-        saved = {}
-        for f in sorted(folder.glob("model*.safetensors")):
-            saved.update(load_file(f))
-    weights = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            # peft saves "lora_A.weight" for "lora_A.default.weight", a module to save without its copy's prefix
-            key = re.sub(r"modules_to_save\.default\.|\.default(?=\.)", "", name)
-            if key not in saved:
-                raise RuntimeError(f"checkpoint {folder} has no {key} (the model's {name}) to resume from")
-            weights[name] = saved[key].float()
-    return weights
 
 
 def _load_into_zero3(model, weights: dict) -> tuple[list, list]:

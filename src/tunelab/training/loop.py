@@ -103,8 +103,6 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     from tunelab.models.load import describe_model, load_model
 
     compute_dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
-    # set before the model loads: under ZeRO-3 transformers loads it partitioned, in DeepSpeed's dtype
-    deepspeed_bf16 = distributed.deepspeed_mixed_precision(accelerator, compute_dtype)
     # Trained weights stay fp32 (master weights) and matmuls run in compute_dtype under autocast.
     # A LoRA base never updates, so it loads straight in the compute dtype: half the memory, and
     # autocast stops re-casting every weight on every step. peft keeps the adapters in fp32.
@@ -197,21 +195,18 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, cfg.train, compiled or n_trained * total_steps >= 2e9, cfg.seed)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    masters = None
     if start_ckpt is not None:  # before prepare: FSDP and ZeRO-3 then shard the loaded weights
         ckpt.load_weights(start_ckpt, model, cfg.method)
-        if deepspeed_bf16:
-            masters = ckpt.saved_trained_weights(start_ckpt, model, cfg.method)
     distributed.configure_deepspeed(accelerator, cfg.train)
     if distributed.fsdp_mixed_precision(accelerator, compute_dtype):
         info(f"FSDP gathers the weights in {dtype_name(compute_dtype)} and reduces the gradients in fp32")
-    if deepspeed_bf16:
+    if distributed.deepspeed_mixed_precision(accelerator, compute_dtype):
         info("DeepSpeed holds the weights in bf16 and their fp32 masters with AdamW's moments; "
              "gradients are reduced in fp32")
+    masters = distributed.fp32_weights_to_masters(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if masters is not None:
-        distributed.load_master_weights(accelerator.unwrap_model(model), masters)
-        del masters
+    distributed.set_masters(accelerator.unwrap_model(model), masters)
+    del masters
     in_backward = cfg.train.optimizer_in_backward
     if in_backward:
         # DDP reduces a gradient after its hook would have stepped the weight with it; FSDP and
