@@ -156,6 +156,8 @@ def test_bf16_compute_under_zero_turns_on_deepspeeds_bf16_mode(stage):
     assert distributed.deepspeed_mixed_precision(acc, torch.bfloat16) and distributed.deepspeed_bf16(acc)
     ds = acc.state.deepspeed_plugin.deepspeed_config
     assert ds["bf16"] == {"enabled": True} and ds["communication_data_type"] == "fp32"
+    # summed over micro batches in fp32 under ZeRO-2/3; for ZeRO-1 that setting swaps in another optimizer
+    assert ds.get("data_types") == (None if stage == 1 else {"grad_accum_dtype": "fp32"})
 
 
 def test_deepspeeds_bf16_mode_stays_off_where_it_does_not_apply():

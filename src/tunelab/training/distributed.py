@@ -95,7 +95,8 @@ def deepspeed_mixed_precision(accelerator, compute_dtype) -> bool:
     """Before `prepare`: under DeepSpeed ZeRO 1-3 with bf16 compute, DeepSpeed's own bf16 mode, as
     DeepSpeed runs on GPUs are set up: the model's weights are bf16 (ZeRO-3 gathers each layer so,
     and ZeRO-1/2 keep a whole copy at 2 bytes a weight, not 4), their fp32 master copies sit with
-    AdamW, split between the processes as its moments are, and gradients are reduced in fp32.
+    AdamW, split between the processes as its moments are, and gradients are reduced in fp32 (and
+    under ZeRO-2/3 summed over micro batches in fp32; ZeRO-1 sums them in bf16).
     Before, every weight stayed fp32 and autocast cast each gathered layer, whose bf16 copies the
     backward kept in every process. The masters start from the fp32 weights loaded, not from their
     bf16 roundings (`fp32_weights_to_masters`), and saving reads them (`full_state_dict`). ZeRO stage
@@ -111,6 +112,8 @@ def deepspeed_mixed_precision(accelerator, compute_dtype) -> bool:
                            "(tunelab sets DeepSpeed's precision from model.dtype)")
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
         ds.setdefault("communication_data_type", "fp32")  # gradients reduced in fp32, as FSDP's are here
+        if _zero_stage(accelerator) >= 2:  # and summed over micro batches in fp32 (ZeRO-1 would swap optimizers)
+            ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return deepspeed_bf16(accelerator)
 
 
