@@ -194,21 +194,22 @@ def loss_scale(accelerator) -> int:
 
 
 def full_state_dict(accelerator, model) -> "dict | None":
-    """The whole model's weights, gathered from every process when they are sharded (call it on all
-    processes); None when each process already holds them all."""
+    """The whole model's weights, gathered from every process when they are sharded, and in
+    DeepSpeed's bf16 mode with the trained ones' fp32 masters, not their bf16 working copies (call
+    it on all processes); None when each process already holds them all as they are to be saved."""
     if not shards_parameters(accelerator) and not deepspeed_bf16(accelerator):
         return None
     state = accelerator.get_state_dict(model)
-    if deepspeed_bf16(accelerator):  # the trained weights' fp32 masters, not their bf16 working copies
+    unwrapped = accelerator.unwrap_model(model)
+    if deepspeed_bf16(accelerator):
         from deepspeed.utils import safe_get_full_fp32_param
 
-        for name, param in accelerator.unwrap_model(model).named_parameters():
+        for name, param in unwrapped.named_parameters():
             if param.requires_grad:
                 master = safe_get_full_fp32_param(param)  # a collective: every process asks for each
                 if state is not None:
                     state[name] = master.cpu()
     # gathered, a tied output head is a copy of the embeddings; saved once, as one process saves it
-    unwrapped = accelerator.unwrap_model(model)
     if state is not None and getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False):
         for tied in getattr(unwrapped, "_tied_weights_keys", None) or {}:
             state.pop(tied, None)
