@@ -168,3 +168,12 @@ def test_deepspeeds_bf16_mode_stays_off_where_it_does_not_apply():
     assert distributed.deepspeed_mixed_precision(fake_deepspeed(2, bf16={"enabled": "true"}), torch.float32)
     with pytest.raises(RunError, match="turns fp16 on but model.dtype is bf16"):
         distributed.deepspeed_mixed_precision(fake_deepspeed(2, fp16={"enabled": True}), torch.bfloat16)
+
+
+def test_zero_stage_0_is_refused_with_the_way_out():
+    """Stage 0 wraps the optimizer in DeepSpeed's own, which checkpoints cannot read: the first save
+    had failed after training; it stops before anything runs, pointing at DDP or a ZeRO stage."""
+    with pytest.raises(RunError, match="zero_stage 0 .*examples/accelerate/ddp.yaml"):
+        distributed.refuse_zero_stage_0(fake_deepspeed(0))
+    for stage in (1, 2, 3):
+        distributed.refuse_zero_stage_0(fake_deepspeed(stage))

@@ -456,7 +456,7 @@ def launched_strategy() -> tuple[str, int]:
             except (OSError, ValueError, AttributeError):
                 stage = None  # DeepSpeed reports an unreadable config itself, after the check
         stage = int(stage) if str(stage) in ("0", "1", "2", "3") else 2  # accelerate's default stage
-        return ("ddp" if stage == 0 else f"zero{stage}"), world
+        return ("ddp" if stage == 0 else f"zero{stage}"), world  # the loop refuses stage 0 before its check
     return ("ddp" if world > 1 else "single"), world
 
 

@@ -54,6 +54,16 @@ def sharding_on_cpus(accelerator) -> None:
         _deepspeed_on_cpus(accelerator)
 
 
+def refuse_zero_stage_0(accelerator) -> None:
+    """Right after the Accelerator is made: DeepSpeed's ZeRO stage 0 is plain data parallel with
+    DeepSpeed's own optimizer wrapping, whose state tunelab's checkpoints do not read (the first save
+    failed, after the steps before it had run). DDP is the same without DeepSpeed."""
+    if strategy(accelerator) == "deepspeed" and _zero_stage(accelerator) == 0:
+        raise RunError("the DeepSpeed config sets zero_stage 0 (plain data parallel), which tunelab does not run: "
+                       "launch with examples/accelerate/ddp.yaml for the same without DeepSpeed, or set "
+                       "zero_stage to 1, 2 or 3 (examples/accelerate/deepspeed_zero2.yaml)")
+
+
 def _deepspeed_on_cpus(accelerator) -> None:
     """accelerate's own DeepSpeed switch (AcceleratorState with cpu=False), over the gloo group
     that is already up: DeepSpeed's CPU accelerator speaks gloo when oneCCL is not installed."""
