@@ -174,6 +174,6 @@ def test_zero_stage_0_is_refused_with_the_way_out():
     """Stage 0 wraps the optimizer in DeepSpeed's own, which checkpoints cannot read: the first save
     had failed after training; it stops before anything runs, pointing at DDP or a ZeRO stage."""
     with pytest.raises(RunError, match="zero_stage 0 .*examples/accelerate/ddp.yaml"):
-        distributed.refuse_zero_stage_0(fake_deepspeed(0))
+        distributed.check_deepspeed(fake_deepspeed(0))
     for stage in (1, 2, 3):
-        distributed.refuse_zero_stage_0(fake_deepspeed(stage))
+        distributed.check_deepspeed(fake_deepspeed(stage))

@@ -86,7 +86,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     # launch` job on CPUs (gloo) instead of running every process alone
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     distributed.sharding_on_cpus(accelerator)
-    distributed.refuse_zero_stage_0(accelerator)
+    distributed.check_deepspeed(accelerator)
     is_main = accelerator.is_main_process
     found = [_run_dir_for(cfg, name, resume, auto_checkpointing) if is_main else None]
     if accelerator.num_processes > 1:
