@@ -166,14 +166,15 @@ def test_deepspeeds_bf16_mode_stays_off_where_it_does_not_apply():
         assert "bf16" not in acc.state.deepspeed_plugin.deepspeed_config
     # the user's own DeepSpeed config may turn it on: saving and resuming then go through the masters
     assert distributed.deepspeed_mixed_precision(fake_deepspeed(2, bf16={"enabled": "true"}), torch.float32)
-    with pytest.raises(RunError, match="turns fp16 on but model.dtype is bf16"):
-        distributed.deepspeed_mixed_precision(fake_deepspeed(2, fp16={"enabled": True}), torch.bfloat16)
 
 
-def test_zero_stage_0_is_refused_with_the_way_out():
+def test_zero_stage_0_and_deepspeeds_fp16_are_refused_with_the_way_out():
     """Stage 0 wraps the optimizer in DeepSpeed's own, which checkpoints cannot read: the first save
-    had failed after training; it stops before anything runs, pointing at DDP or a ZeRO stage."""
+    had failed after training; it stops before anything runs, pointing at DDP or a ZeRO stage. A
+    config's own fp16 mode would save fp16 roundings: refused, pointing at model.dtype."""
     with pytest.raises(RunError, match="zero_stage 0 .*examples/accelerate/ddp.yaml"):
         distributed.check_deepspeed(fake_deepspeed(0))
+    with pytest.raises(RunError, match="turns fp16 on.*remove its fp16 section.*model.dtype"):
+        distributed.check_deepspeed(fake_deepspeed(2, fp16={"enabled": True}))
     for stage in (1, 2, 3):
-        distributed.check_deepspeed(fake_deepspeed(stage))
+        distributed.check_deepspeed(fake_deepspeed(stage, fp16={"enabled": "auto"}, bf16={"enabled": True}))

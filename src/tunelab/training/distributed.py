@@ -58,8 +58,10 @@ def sharding_on_cpus(accelerator) -> None:
 def check_deepspeed(accelerator) -> None:
     """Right after the Accelerator is made, under DeepSpeed: ZeRO stage 0 is refused (plain data
     parallel inside DeepSpeed's own optimizer wrapper, whose state tunelab's checkpoints do not read:
-    the first save failed, after the steps before it had run; DDP is the same without DeepSpeed),
-    and the warnings of its collectives are silenced: they call torch.distributed's deprecated names,
+    the first save failed, after the steps before it had run; DDP is the same without DeepSpeed), so
+    is a DeepSpeed config's own fp16 mode (its loss scaling is not wired into the loop, and the
+    weights saved would be fp16 roundings of its masters; model.dtype fp16 autocasts instead), and
+    the warnings of its collectives are silenced: they call torch.distributed's deprecated names,
     and each call warned again (the filters change between calls), 3200 lines in a 4-step ZeRO-3
     run burying the progress."""
     if strategy(accelerator) != "deepspeed":
@@ -70,6 +72,10 @@ def check_deepspeed(accelerator) -> None:
         raise RunError("the DeepSpeed config sets zero_stage 0 (plain data parallel), which tunelab does not run: "
                        "launch with examples/accelerate/ddp.yaml for the same without DeepSpeed, or set "
                        "zero_stage to 1, 2 or 3 (examples/accelerate/deepspeed_zero2.yaml)")
+    if str(accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled", False)).lower() == "true":
+        raise RunError("the DeepSpeed config turns fp16 on, which tunelab does not run (it would save fp16 roundings "
+                       "of the weights): remove its fp16 section; tunelab sets DeepSpeed's precision from model.dtype "
+                       "(bf16: DeepSpeed's bf16 mode; fp16: fp32 weights with fp16 autocast)")
 
 
 def _deepspeed_on_cpus(accelerator) -> None:
@@ -125,9 +131,6 @@ def deepspeed_mixed_precision(accelerator, compute_dtype) -> bool:
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
     if compute_dtype == torch.bfloat16 and _zero_stage(accelerator) > 0 and not deepspeed_bf16(accelerator):
-        if str(ds.get("fp16", {}).get("enabled", False)).lower() == "true":
-            raise RunError("the DeepSpeed config turns fp16 on but model.dtype is bf16: remove its fp16 section "
-                           "(tunelab sets DeepSpeed's precision from model.dtype)")
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
         ds.setdefault("communication_data_type", "fp32")  # gradients reduced in fp32, as FSDP's are here
         if _zero_stage(accelerator) >= 2:  # and summed over micro batches in fp32 (ZeRO-1 would swap optimizers)
