@@ -25,8 +25,9 @@ Facts of the loop that the terms follow (each measured here, see bench/plan_accu
   zero1 / zero2: whole weights; AdamW's moments and DeepSpeed's fp32 copy of the trained weights
   split world ways (zero2: the gradients too, reduced through a bucket of hidden^2 elements);
   fsdp / zero3: weights, gradients and moments split world ways (a LoRA base in fp32: FSDP2 and
-  ZeRO-3 shard one dtype per layer), plus the weights gathered at once: FSDP2 the root's
-  (embeddings, head, final norm: kept from forward to backward) and two layers' (the one running
+  ZeRO-3 shard one dtype per layer; DeepSpeed's bf16 mode, below, holds all in bf16), plus the
+  weights gathered at once: FSDP2 the root's (embeddings, head, final norm: kept from forward to
+  backward) and two layers' (the one running
   and the one prefetched), gathered in the compute dtype (its mixed precision: no autocast copies),
   with their whole gradients while they are reduced; ZeRO-3 keeps what it gathered alive up to
   stage3_max_live_parameters (1e9 elements by default: all of a small model).
@@ -119,7 +120,8 @@ class Setup:
 
     @property
     def shards_weights(self) -> bool:
-        """FSDP and ZeRO-3 split the weights themselves (and keep a LoRA base in fp32)."""
+        """FSDP and ZeRO-3 split the weights themselves (and keep a LoRA base in fp32, but for
+        DeepSpeed's bf16 mode)."""
         return self.strategy in ("fsdp", "zero3")
 
     @property
@@ -167,8 +169,8 @@ def layer_params(arch: Arch) -> int:
 
 
 def gathered_bytes(arch: Arch, s: Setup, kind: str = "cpu") -> float:
-    """Whole fp32 weights (and gradients) that a sharded run holds at once beside its shards (see the
-    module docstring); DDP's and ZeRO-2's gradient buckets."""
+    """Whole weights (and gradients) that a sharded run holds at once beside its shards, in the dtype
+    it gathers them in (see the module docstring); DDP's and ZeRO-2's gradient buckets."""
     n_train = trainable_params(arch, s)
     # on a CPU the main process gathers every weight once more to save them (a GPU's go to CPU memory),
     # and glibc's heap keeps every trained weight's whole gradient, made before its reduce-scatter

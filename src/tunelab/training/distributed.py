@@ -124,7 +124,7 @@ def deepspeed_mixed_precision(accelerator, compute_dtype) -> bool:
     Before, every weight stayed fp32 and autocast cast each gathered layer, whose bf16 copies the
     backward kept in every process. The masters start from the fp32 weights loaded, not from their
     bf16 roundings (`fp32_weights_to_masters`), and saving reads them (`full_state_dict`). ZeRO stage
-    0 (plain data parallel) is left in fp32: its bf16 optimizer is another one. Returns whether
+    0 never gets here (`check_deepspeed` refuses it). Returns whether
     DeepSpeed runs in bf16, also where the user's own DeepSpeed config turned it on."""
     if strategy(accelerator) != "deepspeed":
         return False
