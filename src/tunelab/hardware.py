@@ -53,12 +53,13 @@ def device() -> torch.device:
 
 def resolve_dtype(name: str, dev: "torch.device | None" = None) -> torch.dtype:
     """'auto' picks bf16 where the hardware is fast at it (CUDA with bf16, CPU with AVX512-BF16 or
-    AMX) and fp32 otherwise; any other name maps directly."""
+    AMX), fp16 on older GPUs (V100, T4: their tensor cores run fp16, and training scales the loss for
+    it, training/loss_scaling.py) and fp32 otherwise; any other name maps directly."""
     if name != "auto":
         return DTYPES[name]
     dev = dev or device()
     if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32

@@ -12,7 +12,8 @@ class ModelConfig:
     ref: str = "smollm2-135m-instruct"
     """Alias (see `tunelab models`), local Hugging Face folder, local .gguf file, or hub id."""
     dtype: str = "auto"
-    """auto | bf16 | fp16 | fp32. auto: bf16 where the hardware is fast at it, else fp32."""
+    """auto | bf16 | fp16 | fp32. auto: bf16 where the hardware is fast at it, fp16 on GPUs without
+    bf16 (V100, T4; training then scales the loss, skipping a step whose gradients overflowed), else fp32."""
     chat_template: str | None = None
     """None: the model's own template. Or a named template (chatml, alpaca, llama2, ...) for
     base models that have none, or a path to a .jinja file."""

@@ -31,7 +31,7 @@ from tunelab.log import console, info
 from tunelab.runs import (append_metrics, atomic_write_json, atomic_write_text, environment_info, last_run,
                           new_run_dir, plot_losses, sha256_file, truncate_metrics, write_manifest)
 from tunelab.training import checkpoint as ckpt
-from tunelab.training import distributed
+from tunelab.training import distributed, loss_scaling
 from tunelab.training.lora import set_dropout_batch
 from tunelab.training.loss import token_loss_sum
 from tunelab.training.optim import build_optimizer, build_scheduler, step_in_backward
@@ -104,6 +104,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
     from tunelab.models.load import describe_model, load_model
 
     compute_dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
+    scaler = loss_scaling.loss_scaler(accelerator, compute_dtype, cfg.train)  # fp16 only; refuses what it cannot scale
     # Trained weights stay fp32 (master weights) and matmuls run in compute_dtype under autocast.
     # A LoRA base never updates, so it loads straight in the compute dtype: half the memory, and
     # autocast stops re-casting every weight on every step. peft keeps the adapters in fp32.
@@ -223,6 +224,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         with distributed.local_optimizer(accelerator, optimizer) as local:
             restored = ckpt.load_optimizer(start_ckpt, local, accelerator.process_index, world,
                                            distributed.shards_optimizer(accelerator))
+        if scaler is not None and "loss_scaler" in state:
+            scaler.load_state_dict(state["loss_scaler"])
         if is_main:
             truncate_metrics(run_dir, state["step"])
         info(f"resumed from {start_ckpt} (step {state['step']})"
@@ -282,8 +285,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                         with autocast:
                             loss_sum, _ = token_loss_sum(model, batch, compiled)
                         # DDP averages gradients over processes; scale so the result is sum / N_global
-                        accelerator.backward(loss_sum * (world * distributed.loss_scale(accelerator))
-                                             / max(n_targets, 1))
+                        loss = loss_sum * (world * distributed.loss_scale(accelerator)) / max(n_targets, 1)
+                        accelerator.backward(loss_scaling.scaled(scaler, loss))
                     step_loss += loss_sum.item()
                     step_tokens += sum(len(e.input_ids) for e in items)  # not the bucket's filler
                 if cfg.train.max_grad_norm <= 0:  # (always so with optimizer_in_backward)
@@ -291,10 +294,12 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 elif bf16_weights:  # AdamWBf16 scales the gradients inside its update
                     grad_norm = optimizer.optimizer.clip_grad_norm_(cfg.train.max_grad_norm)
                 else:
+                    loss_scaling.unscale(scaler, optimizer)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                if not in_backward:  # else each weight was stepped in backward
-                    optimizer.step()
-                scheduler.step()
+                # in backward: each weight was stepped there; fp16: a step whose gradients overflowed is skipped
+                stepped = in_backward or loss_scaling.step(scaler, optimizer)
+                if stepped:  # the schedule counts the steps taken, as HF's Trainer does
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 epoch, index, _ = micro[-1]
                 step_loss = _sum_over_processes(accelerator, step_loss) / max(n_targets, 1)
@@ -303,6 +308,12 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                              tokens=state["tokens"] + step_tokens, elapsed=time.time() - step_start)
                 step = state["step"]
                 tps = step_tokens / max(time.time() - t0, 1e-9)
+                if scaler is not None:
+                    state["loss_scaler"] = scaler.state_dict()  # a resumed run scales as this one would have
+                    if not stepped:
+                        grad_norm = None
+                        progress.console.print(f"step {step}: an fp16 gradient overflowed; the step was skipped and "
+                                               f"the loss scale lowered to {scaler.get_scale():g}")
                 progress.update(task, completed=step, loss=step_loss, tps=tps)
                 if is_main and not quiet and not console.is_terminal and step % max(1, total_steps // 10) == 0:
                     # logs and CI have no live bar: a line every 10% instead
@@ -313,7 +324,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                                              "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
                                              "tokens": step_tokens, "target_tokens": n_targets,
-                                             "tokens_per_s": round(tps, 1), "elapsed_s": round(state["elapsed"], 2)})
+                                             "tokens_per_s": round(tps, 1), "elapsed_s": round(state["elapsed"], 2),
+                                             **({"loss_scale": scaler.get_scale(), "skipped": not stepped}
+                                                if scaler is not None else {})})
                 if cfg.train.eval_every_n_steps and step % cfg.train.eval_every_n_steps == 0 and step < total_steps:
                     v = evaluate_val()
                     if v is not None and is_main:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import RunConfig, config_to_dict, save_config
+from tunelab.errors import RunError
 from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_bf16_warning
 from tunelab.log import info
 from tunelab.runs import (append_metrics, atomic_dir, atomic_write_json, plot_losses, sha256_file, truncate_metrics,
@@ -50,6 +51,8 @@ def train_ppo(cfg: RunConfig, name: str, resume, quiet: bool):
     torch.manual_seed(cfg.seed)
     started = time.time()
     compute_dtype = resolve_dtype(cfg.model.dtype, torch.device("cpu"))
+    if compute_dtype == torch.float16:  # its updates have no loss scaling (training/loss_scaling.py)
+        raise RunError("stage ppo runs in bf16 or fp32, not fp16: set model.dtype to auto, bf16 or fp32")
     if warning := slow_bf16_warning("cpu", compute_dtype):
         info(warning)
     prompts, _, report = ts._data(cfg)
