@@ -166,6 +166,37 @@ def test_bf16_compute_under_fsdp_and_deepspeed_trains_as_one_process(tiny_config
     assert any(not torch.equal(v, v.bfloat16().float()) for v in trained)
 
 
+SCALED_TUNELAB = """import sys
+from tunelab.training import loss_scaling
+loss_scaling.INIT_SCALE = float(sys.argv.pop(1))
+from tunelab.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("strategy, init_scale", [("ddp", 2.0 ** 16), ("fsdp", 2.0 ** 14)])
+def test_fp16_compute_scales_its_loss_under_ddp_and_fsdp(tiny_config, tmp_path, strategy, init_scale):
+    """fp16 (GPUs without bf16): each process scales its loss and unscales its gradients (under FSDP
+    its shards, with the overflow verdict agreed over all of them); the run trains as one process.
+    FSDP gathers the weights in fp16, so their gradients are fp16 too (in one process autocast
+    leaves the embedding fp32): at 2^16 its first step overflowed, was skipped and halved the scale,
+    as fp16 runs on GPUs do. Both runs start at a scale that fits."""
+    one, two = write_configs(tiny_config, tmp_path, method="full", learning_rate=1e-3)
+    for config in (one, two):
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"]["dtype"] = "fp16"
+        config.write_text(yaml.safe_dump(cfg))
+    script = tmp_path / "scaled_tunelab.py"
+    script.write_text(SCALED_TUNELAB)
+    subprocess.run([sys.executable, str(script), str(init_scale), "train", str(one), "--quiet"], check=True)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(launch_yaml(strategy)), str(script), str(init_scale), "train", str(two), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    check_same_as_one_process(tmp_path, proc, rel=5e-3, weights="model.safetensors")
+    for run in both_runs(tmp_path):
+        assert [r["loss_scale"] for r in read_metrics(run) if "loss" in r] == [init_scale] * 3
+
+
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_deepspeeds_bf16_masters_start_from_the_fp32_weights_loaded(tiny_config, tiny_model_dir, tmp_path, strategy):
     """DeepSpeed makes its fp32 masters from the bf16 weights; tunelab sets them to the fp32 weights

@@ -79,3 +79,16 @@ def test_auto_is_fp16_on_gpus_without_bf16(monkeypatch):
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_fp16_under_deepspeed_is_refused_with_the_way_out():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tunelab.config.schema import TrainConfig
+
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2)
+    with pytest.raises(RunError, match="fp16 compute under DeepSpeed.*ddp.yaml or fsdp.yaml"):
+        loss_scaling.loss_scaler(deepspeed, torch.float16, TrainConfig())
+    assert loss_scaling.loss_scaler(deepspeed, torch.bfloat16, TrainConfig()) is None

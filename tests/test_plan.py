@@ -656,7 +656,7 @@ def test_a_sharded_lora_run_plans_its_fp32_base():
     autocast's bf16 casts of every base weight are saved for the backward, so over two processes a
     LoRA run holds more than alone (measured: bench/fsdp_cpu.py --method lora); FSDP gathers in bf16
     itself, and with bf16 compute DeepSpeed holds the base in bf16 (its bf16 mode): nothing is cast
-    there. fp16 compute is left to autocast under DeepSpeed."""
+    there. (A run refuses fp16 compute under DeepSpeed; the plan still counts it.)"""
     arch = from_table("7b")
     lora = Setup(method="lora", max_seq_len=1024, micro_batch_size=1, compute_dtype="fp16")
     alone = breakdown(arch, lora, "gpu")

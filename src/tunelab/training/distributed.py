@@ -60,7 +60,7 @@ def check_deepspeed(accelerator) -> None:
     parallel inside DeepSpeed's own optimizer wrapper, whose state tunelab's checkpoints do not read:
     the first save failed, after the steps before it had run; DDP is the same without DeepSpeed), so
     is a DeepSpeed config's own fp16 mode (its loss scaling is not wired into the loop, and the
-    weights saved would be fp16 roundings of its masters; model.dtype fp16 autocasts instead), and
+    weights saved would be fp16 roundings of its masters; fp16 compute runs under DDP and FSDP), and
     the warnings of its collectives are silenced: they call torch.distributed's deprecated names,
     and each call warned again (the filters change between calls), 3200 lines in a 4-step ZeRO-3
     run burying the progress."""
@@ -75,7 +75,8 @@ def check_deepspeed(accelerator) -> None:
     if str(accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled", False)).lower() == "true":
         raise RunError("the DeepSpeed config turns fp16 on, which tunelab does not run (it would save fp16 roundings "
                        "of the weights): remove its fp16 section; tunelab sets DeepSpeed's precision from model.dtype "
-                       "(bf16: DeepSpeed's bf16 mode; fp16: fp32 weights with fp16 autocast)")
+                       "(bf16: DeepSpeed's bf16 mode, or fp32). For fp16 compute launch with "
+                       "examples/accelerate/ddp.yaml or fsdp.yaml, where tunelab scales the loss")
 
 
 def _deepspeed_on_cpus(accelerator) -> None:
