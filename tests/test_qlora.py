@@ -86,3 +86,19 @@ def test_a_forward_outside_training_leaves_the_4bit_base_trainable(tiny64_dir):
         return embeds.grad
 
     torch.testing.assert_close(input_gradient(True), input_gradient(False))
+
+
+def test_a_quantized_base_loads_on_the_processs_own_device(tiny_config):
+    """accelerate cannot move bitsandbytes' weights after loading (it refuses to train them on
+    another device): on a GPU node the 4-bit base must load on cuda:<local rank>, everything else on
+    the CPU, for accelerate to move and FSDP or DeepSpeed to shard."""
+    from types import SimpleNamespace
+
+    from tunelab.config import load_config
+    from tunelab.training.loop import base_device
+
+    gpu1 = SimpleNamespace(device=torch.device("cuda", 1))
+    assert base_device(gpu1, load_config({**tiny_config, "method": "qlora"})) == torch.device("cuda", 1)
+    for method in ("lora", "full"):
+        config = {**tiny_config, "method": method, "train": {**tiny_config["train"], "learning_rate": 1e-5}}
+        assert base_device(gpu1, load_config(config)) == torch.device("cpu")
