@@ -1,5 +1,5 @@
 """Named devices: memory a training run may use, datasheet dense bf16/fp16 tensor rate, and the
-dtype our loop's `dtype: auto` picks there (fp32 on GPUs without bf16: T4, V100)."""
+dtype our loop's `dtype: auto` picks there (fp16 with loss scaling on GPUs without bf16: T4, V100)."""
 
 from dataclasses import dataclass
 
@@ -19,9 +19,9 @@ class Device:
 
 
 DEVICES: dict[str, Device] = {d.name: d for d in [
-    Device("t4", "gpu", 16, 15.0, 8.1, "fp32", "no bf16: auto = fp32 (fp16 tensor cores 65 TFLOP/s)"),
-    Device("v100-16gb", "gpu", 16, 15.5, 15.7, "fp32", "no bf16: auto = fp32 (fp16 tensor cores 125)"),
-    Device("v100-32gb", "gpu", 32, 31.5, 15.7, "fp32", "no bf16: auto = fp32 (fp16 tensor cores 125)"),
+    Device("t4", "gpu", 16, 15.0, 65, "fp16", "no bf16: auto = fp16, the loss scaled (fp32: 8.1 TFLOP/s)"),
+    Device("v100-16gb", "gpu", 16, 15.5, 125, "fp16", "no bf16: auto = fp16, the loss scaled (fp32: 15.7)"),
+    Device("v100-32gb", "gpu", 32, 31.5, 125, "fp16", "no bf16: auto = fp16, the loss scaled (fp32: 15.7)"),
     Device("a10", "gpu", 24, 22.5, 125, "bf16"),
     Device("l4", "gpu", 24, 22.5, 121, "bf16"),
     Device("rtx-4090", "gpu", 24, 23.0, 165, "bf16"),
