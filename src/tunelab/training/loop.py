@@ -310,8 +310,9 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
                 tps = step_tokens / max(time.time() - t0, 1e-9)
                 if scaler is not None:
                     state["loss_scaler"] = scaler.state_dict()  # a resumed run scales as this one would have
-                    if not stepped:
-                        grad_norm = None
+                if not stepped:  # fp16: a gradient overflowed, and its norm is inf or NaN
+                    grad_norm = None
+                    if is_main:
                         progress.console.print(f"step {step}: an fp16 gradient overflowed; the step was skipped and "
                                                f"the loss scale lowered to {scaler.get_scale():g}")
                 progress.update(task, completed=step, loss=step_loss, tps=tps)
