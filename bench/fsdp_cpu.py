@@ -67,10 +67,11 @@ def worker(config_path: str) -> None:
     print(json.dumps({"rank": rank, "peak_rss_mb": peak_rss_mb(), **main}), flush=True)
 
 
-def run(setup: str, model: str, data: str, steps: int, eval_items: int = 0, method: str = "full") -> dict:
+def run(setup: str, model: str, data: str, steps: int, eval_items: int = 0, method: str = "full",
+        variant: str = "compile") -> dict:
     import yaml
 
-    cfg = tunelab_config(model, data, steps, method, "compile")
+    cfg = tunelab_config(model, data, steps, method, variant)
     if eval_items:
         cfg["eval"] = {"data": str(SENTIMENT_TEST), "labels": ["positive", "negative"], "limit": eval_items,
                        "max_new_tokens": 16, "batch_size": 4, "every_n_steps": 0}
@@ -97,6 +98,8 @@ def main() -> None:
     p.add_argument("--shape", default="135m", choices=["135m", "360m"])
     p.add_argument("--setups", default="one process,ddp,fsdp,zero2,zero3")
     p.add_argument("--method", default="full", choices=["full", "lora"])
+    p.add_argument("--variant", default="compile", choices=["compile", "eager"],
+                   help="train.compile true or false (tunelab's auto leaves LoRA under ZeRO-3 eager)")
     p.add_argument("--eval", type=int, default=0, help="answer this many prompts after training, timed")
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -104,11 +107,11 @@ def main() -> None:
     if a.worker:
         return worker(a.worker)
     model, data = bench_inputs(Path(a.shared), a.shape)
-    print(f"{a.method} fine-tuning, SmolLM2-{a.shape.upper()}, 8 rows a step, {a.steps} steps (the first untimed)\n")
+    print(f"{a.method} fine-tuning, SmolLM2-{a.shape.upper()}, {a.variant}, 8 rows a step, {a.steps} steps (the first untimed)\n")
     evals = f" {f'{a.eval} answers, s':>15}" if a.eval else ""
     print(f"{'setup':14} {'tokens/s':>9} {'peak RSS MB per process':>26} {'planned MB':>11} {'last loss':>10}{evals}")
     for setup in a.setups.split(","):
-        r = run(setup, str(model), str(data), a.steps, a.eval, a.method)
+        r = run(setup, str(model), str(data), a.steps, a.eval, a.method, a.variant)
         rss = " / ".join(f"{x:.0f}" for x in r["rss"])
         evals = f" {r['eval_seconds']:15.1f}" if a.eval else ""
         print(f"{r['setup']:14} {r['tokens_per_s']:9.1f} {rss:>26} {r['planned_mb']:11.0f} {r['last_loss']:10.4f}{evals}",

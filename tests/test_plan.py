@@ -321,7 +321,7 @@ def test_cpu_share_follows_this_cpus_bf16_unit(monkeypatch):
 
 def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, monkeypatch):
     """auto compiles runs of AUTO_COMPILE_TOKENS or more (a compiled step reaches a larger share of the
-    peak), never a quantized base; the report says which it assumed."""
+    peak), never a quantized base nor adapters under ZeRO-3; the report says which it assumed."""
     from tunelab.planning.timing import CPU_UNITS, cpu_efficiency
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
@@ -341,6 +341,8 @@ def test_time_estimate_follows_train_compile_as_the_loop_resolves_it(tmp_path, m
     assert "uncompiled" in str(short) and f"reach compiled on {CPU_UNITS[unit]}" in str(long)
     assert not plan(1000, compile=False).compiled and plan(2, compile=True).compiled
     assert not plan(1000, method="qlora").compiled
+    zero3 = tunelab.plan({**base, "method": "lora"}, steps=1000, devices=[], strategy="zero3", world=2)
+    assert not zero3.compiled  # adapters under ZeRO-3 run eager (training/loop.py: auto_compile)
 
 
 def test_a_compiled_run_plans_a_share_of_the_eager_activations(tiny_config, monkeypatch, tmp_path):

@@ -215,8 +215,10 @@ def _compiled(cfg, s: Setup, steps: int | None) -> bool:
     from tunelab.training.loop import AUTO_COMPILE_TOKENS
 
     tokens = (steps or 0) * (s.mean_batch_tokens or s.tokens) * s.grad_accum_steps
-    quantized_base = cfg.model.quantization is not None or s.method == "qlora"  # the loop leaves those eager
-    return tokens >= AUTO_COMPILE_TOKENS and not quantized_base
+    # the loop leaves these eager (training/loop.py: auto_compile)
+    quantized_base = cfg.model.quantization is not None or s.method == "qlora"
+    zero3_adapters = s.method != "full" and s.strategy == "zero3"
+    return tokens >= AUTO_COMPILE_TOKENS and not quantized_base and not zero3_adapters
 
 
 def judge(arch: Arch, s: Setup, dev: Device, dtype: str = "auto", steps: int | None = None,

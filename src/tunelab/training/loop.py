@@ -152,9 +152,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
          f"{total_steps} steps of {effective} examples ({total_steps / steps_per_epoch:.2f} epochs); run {run_dir}")
 
     train_tokens = total_steps * effective * sum(len(e.input_ids) for e in data.train) / len(data.train)
-    # auto leaves a bitsandbytes base eager: its custom 4/8-bit kernels break compiled graphs
-    auto_compile = train_tokens >= AUTO_COMPILE_TOKENS and cfg.base_quantization is None
-    compiled = bool(cfg.train.compile or (cfg.train.compile is None and auto_compile))
+    compiles_auto, eager_because = auto_compile(cfg, accelerator, train_tokens)
+    compiled = bool(cfg.train.compile or (cfg.train.compile is None and compiles_auto))
     if fit is not None and fit.auto_checkpointing and cfg.train.gradient_checkpointing:
         # on for the plan's worst case (every row max_seq_len long); the batches that will run may fit without
         epochs = math.ceil(total_steps * micro_per_step / batches_per_epoch)
@@ -192,6 +191,8 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         compile_blocks(model)
         info(f"compiling the model with torch.compile (the first step takes longer; ~{train_tokens / 1e3:.0f}k "
              "tokens to train pays it back)")
+    elif cfg.train.compile is None and eager_because:
+        info(f"not compiling (train.compile auto): {eager_because}")
     # AdamWBf16's update compiles (5-20 s, once) with the model, or when its eager form (~12 ns per weight
     # and step here: 1.8 s for 135M weights, compiled 0.2 s) would cost more over the run
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -387,6 +388,20 @@ ACTIVATION_MEMORY_BUDGET = 0.8
 # compile costs ~40 s on a cold cache (~9 s cached) and trains ~1.5x the tokens/s (965 against 646 on
 # SmolLM2, LoRA): on a cold cache it pays back after ~80k tokens, about two minutes of training here
 AUTO_COMPILE_TOKENS = 80_000
+
+
+def auto_compile(cfg: RunConfig, accelerator, train_tokens: float) -> "tuple[bool, str | None]":
+    """train.compile auto: whether to compile, and why not where the run is long enough to pay for it."""
+    if train_tokens < AUTO_COMPILE_TOKENS:
+        return False, None
+    if cfg.base_quantization is not None:
+        return False, "a bitsandbytes base's 4/8-bit kernels break compiled graphs"
+    if cfg.uses_adapter and distributed.strategy(accelerator) == "deepspeed" and distributed.shards_parameters(accelerator):
+        # DeepSpeed gathers each module's weights in hooks, which split the compiled layers at every
+        # adapter: eager ran 41% faster (full fine-tuning ran as fast compiled, in less memory;
+        # bench/RESULTS.md)
+        return False, "adapters under DeepSpeed ZeRO-3 train 41% faster eager (bench/RESULTS.md)"
+    return True, None
 
 
 def base_device(accelerator, cfg: RunConfig) -> torch.device:
