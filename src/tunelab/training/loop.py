@@ -26,7 +26,7 @@ from tunelab.data.batching import collate, epoch_order, largest_batch_tokens
 from tunelab.data.cache import cache_messages
 from tunelab.data.prepare import prepare_data, report_warnings
 from tunelab.errors import RunError
-from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_bf16_warning
+from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_dtype_warning
 from tunelab.log import console, info
 from tunelab.runs import (append_metrics, atomic_write_json, atomic_write_text, environment_info, last_run,
                           new_run_dir, plot_losses, sha256_file, truncate_metrics, write_manifest)
@@ -118,7 +118,7 @@ def train(config: "str | Path | dict | RunConfig", overrides=None, resume: "bool
         raise RunError(f"train.weight_dtype=bf16 under {distributed.strategy(accelerator)}: sharded runs keep "
                        "fp32 master weights; use train.weight_dtype=fp32 there")
     load_dtype = "bf16" if bf16_weights else dtype_name(compute_dtype) if frozen_low else "fp32"
-    if is_main and (warning := slow_bf16_warning(accelerator.device.type, compute_dtype, bf16_weights)):
+    if is_main and (warning := slow_dtype_warning(accelerator.device.type, compute_dtype, bf16_weights)):
         info(warning)
     if cfg.stage == "pretrain":  # raw text, every token trained; maybe a new model and tokenizer
         from tunelab.training.stages.pretrain import setup_pretrain

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tunelab.config import RunConfig, config_to_dict, save_config
 from tunelab.errors import RunError
-from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_bf16_warning
+from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_dtype_warning
 from tunelab.log import info
 from tunelab.runs import (append_metrics, atomic_dir, atomic_write_json, plot_losses, sha256_file, truncate_metrics,
                           write_manifest)
@@ -53,7 +53,7 @@ def train_ppo(cfg: RunConfig, name: str, resume, quiet: bool):
     compute_dtype = resolve_dtype(cfg.model.dtype, torch.device("cpu"))
     if compute_dtype == torch.float16:  # its updates have no loss scaling (training/loss_scaling.py)
         raise RunError("stage ppo runs in bf16 or fp32, not fp16: set model.dtype to auto, bf16 or fp32")
-    if warning := slow_bf16_warning("cpu", compute_dtype):
+    if warning := slow_dtype_warning("cpu", compute_dtype):
         info(warning)
     prompts, _, report = ts._data(cfg)
     atomic_write_json(run_dir / "data_report.json", report)

@@ -17,7 +17,7 @@ import torch
 
 from tunelab.config import RunConfig, config_to_dict, load_config, save_config
 from tunelab.errors import ConfigError, RunError
-from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_bf16_warning
+from tunelab.hardware import dtype_name, peak_rss_mb, resolve_dtype, set_threads, slow_dtype_warning
 from tunelab.log import console, info
 from tunelab.runs import (append_metrics, atomic_dir, atomic_write_json, environment_info, last_run, new_run_dir,
                           plot_losses, sha256_file, truncate_metrics, write_manifest)
@@ -39,7 +39,7 @@ def train_trl(cfg: RunConfig, name: str, resume, quiet: bool):
     started = time.time()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = resolve_dtype(cfg.model.dtype, dev)
-    if warning := slow_bf16_warning(dev.type, compute_dtype):
+    if warning := slow_dtype_warning(dev.type, compute_dtype):
         info(warning)
 
     train_rows, val_rows, report = _data(cfg)
