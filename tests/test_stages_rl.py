@@ -14,7 +14,7 @@ import torch
 
 import tunelab
 from conftest import write_jsonl
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, RunError
 
 CORPUS = Path(__file__).parent / "assets" / "corpus" / "war_and_peace_slice.txt"
 PROMPTS = [f"Write something about {t}." for t in ["cats", "rain", "pizza", "trains", "music", "chess", "coffee",
@@ -150,3 +150,11 @@ def test_ppo_against_a_reward_model_folder(tmp_path, small_vocab_model):
     result = tunelab.train(cfg, quiet=True)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r["reward"]) and math.isfinite(r["loss"]) for r in records)
+
+
+def test_ppo_refuses_fp16_before_loading(tmp_path, small_vocab_model):
+    """Its updates have no loss scaling (the SFT loop's is training/loss_scaling.py)."""
+    config = rl_config(tmp_path, small_vocab_model, "ppo")
+    config["model"]["dtype"] = "fp16"
+    with pytest.raises(RunError, match="stage ppo runs in bf16 or fp32, not fp16"):
+        tunelab.train(config, quiet=True)

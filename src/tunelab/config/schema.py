@@ -129,8 +129,9 @@ class TrainConfig:
     it (`tunelab train` says so, and the run's config.yaml records true)."""
     compile: bool | None = None
     """torch.compile the transformer blocks, layer by layer: ~1.5x the tokens/s on this CPU after a
-    one-time compile (~40-60 s; ~10 s from its cache in ~/.cache/tunelab/torch_compile). None (auto): on when the run trains at least 80k tokens,
-    except for a bitsandbytes (QLoRA) base and for adapters under DeepSpeed ZeRO-3, which run faster eager."""
+    one-time compile (~40-60 s; ~10 s from its cache in ~/.cache/tunelab/torch_compile). None (auto):
+    on when the run trains at least 80k tokens, except for a bitsandbytes (QLoRA) base and for
+    adapters under DeepSpeed ZeRO-3, which run faster eager."""
     threads: int | None = None
     """CPU threads for torch. None: the number of physical cores."""
     neftune_alpha: float | None = None
