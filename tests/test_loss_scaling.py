@@ -59,9 +59,9 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tiny_config, monkeypatch):
     config = fp16(full_config(tiny_config, "whole", max_steps=6))
     whole = steps(tunelab.train(config, quiet=True).run_dir)
     assert any(r["skipped"] for r in whole) and not all(r["skipped"] for r in whole)
-    train_until_first_checkpoint({**config, "name": "cut", "train": {**config["train"], "save_every_n_steps": 3}})
-    resumed = steps(tunelab.train({**config, "name": "cut", "train": {**config["train"], "save_every_n_steps": 3}},
-                                  resume=True, quiet=True).run_dir)
+    cut = {**config, "name": "cut", "train": {**config["train"], "save_every_n_steps": 3}}
+    train_until_first_checkpoint(cut)
+    resumed = steps(tunelab.train(cut, resume=True, quiet=True).run_dir)
     assert [r["loss_scale"] for r in resumed] == [r["loss_scale"] for r in whole]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
 
