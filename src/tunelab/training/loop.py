@@ -391,7 +391,8 @@ AUTO_COMPILE_TOKENS = 80_000
 
 
 def auto_compile(cfg: RunConfig, accelerator, train_tokens: float) -> "tuple[bool, str | None]":
-    """train.compile auto: whether to compile, and why not where the run is long enough to pay for it."""
+    """train.compile auto: whether to compile, and why not where the run is long enough to pay for it.
+    `tunelab plan` restates this rule from its Setup, before any Accelerator exists (planning._compiled)."""
     if train_tokens < AUTO_COMPILE_TOKENS:
         return False, None
     if cfg.base_quantization is not None:
